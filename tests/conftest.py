@@ -1,0 +1,47 @@
+"""Shared helpers: a tiny EfficientNet-Lite config that trains in seconds, and checkpoint reading."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**overrides):
+  """EfficientNet-Lite0 layout at depth 0.1 (7 blocks), 32x32 digits, a few steps, from scratch."""
+  from transfer import config_base
+  c = config_base.base()
+  c.model.depth, c.model.dropout = 0.1, 0.0
+  c.data.resolution, c.data.train_per_class = 32, 10
+  c.batch_size, c.eval_batch_size, c.total_steps = 16, 64, 6
+  c.schedule.lr, c.schedule.warmup_steps = 1e-2, 2
+  c.log_every, c.checkpoint.every_steps = 1, 2
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def restore_checkpoint(workdir, step=None):
+  """The saved state as plain numpy (params, batch_stats, opt_state, step, rng)."""
+  import orbax.checkpoint as ocp
+  manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"))
+  step = manager.latest_step() if step is None else step
+  return ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(workdir), "checkpoints", str(step),
+                                                         "default"))
+
+
+def run_cli(args, env_extra=None, timeout=600):
+  """``python -m transfer.train ARGS`` in a fresh process; returns the CompletedProcess."""
+  env = {**os.environ, "PYTHONPATH": ROOT, **(env_extra or {})}
+  return subprocess.run([sys.executable, "-m", "transfer.train", *args], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=timeout)
+
+
+@pytest.fixture
+def tiny():
+  return tiny_config

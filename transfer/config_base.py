@@ -1,0 +1,63 @@
+"""Every config field the trainer reads, with its default and meaning. Configs start from ``base()``."""
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def base() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0                      # init, dropout and data order; same seed + config -> same metrics
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "efficientnet-lite0"                   # architecture (transfer.models)
+  c.model.pretrained = config_dict.placeholder(str)     # short name or checkpoint file; None = from scratch
+  c.model.width = config_dict.placeholder(float)        # override the variant's width multiplier (tests)
+  c.model.depth = config_dict.placeholder(float)        # override the variant's depth multiplier (tests)
+  c.model.dropout = 0.2                                 # before the head
+  c.model.drop_path = 0.0                               # stochastic depth in the backbone
+  c.model.bn_train = "auto"  # BatchNorm batch statistics: True, False, or 'auto' (= some backbone param trains)
+  c.model.dtype = "float32"                             # computation dtype: float32 or bfloat16
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "digits"                                # transfer.data.build
+  c.data.resolution = 64                                # images are resized to resolution x resolution
+  c.data.train_per_class = config_dict.placeholder(int)  # keep k labelled training images per class
+  c.data.test_fraction = 0.2                            # fixed stratified held-out split
+  c.data.split_seed = 0                                 # fixes the split and the k-per-class subset
+
+  c.batch_size = 32                # examples per optimizer step (all devices together)
+  c.grad_accum_steps = 1           # split each batch into this many sequential micro-batches
+  c.eval_batch_size = 128          # the last eval batch is padded and masked
+  c.total_steps = config_dict.placeholder(int)     # training length: set this or total_epochs
+  c.total_epochs = config_dict.placeholder(float)
+  c.label_smoothing = 0.0
+
+  c.schedule = ml_collections.ConfigDict()
+  c.schedule.lr = 1e-3                                  # peak learning rate (before per-rule multipliers)
+  c.schedule.decay = "cosine"                           # after warmup: cosine, linear or constant
+  c.schedule.warmup_steps = config_dict.placeholder(int)  # linear warmup from 0: steps or epochs
+  c.schedule.warmup_epochs = config_dict.placeholder(float)
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = "adamw"             # adamw (decoupled decay) or sgd (L2 decay, momentum)
+  c.optimizer.b1, c.optimizer.b2, c.optimizer.eps = 0.9, 0.999, 1e-8
+  c.optimizer.momentum = 0.9             # sgd only
+  c.optimizer.nesterov = False           # sgd only
+  c.optimizer.weight_decay = 0.0         # times each rule's wd_mult
+  c.optimizer.grad_clip_norm = 1.0       # global-norm clipping; 0 turns it off
+
+  # The one rule list (first full-path match wins) for lr_mult, wd_mult, freeze and load; see transfer.optim.
+  c.param_rules = [(".*", {})]
+  c.layer_decay = 0.0              # layer-wise lr decay factor for numbered blocks (0 = off), e.g. 0.8
+
+  c.log_every = 10                 # steps between metrics.jsonl rows
+  c.eval_every = 0                 # steps between evaluations (0: only at the end)
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 100   # also saved at the end
+  c.checkpoint.keep_last = 2       # plus the best by best_metric
+  c.checkpoint.best_metric = "eval/accuracy"
+  c.checkpoint.best_mode = "max"
+  c.fault = ml_collections.ConfigDict()
+  c.fault.kill_at_step = config_dict.placeholder(int)   # tests: SIGKILL the run after this step
+  return c

@@ -1,0 +1,59 @@
+"""Datasets as in-memory arrays, with batches that are a pure function of (seed, step).
+
+Because batch ``s`` depends only on the seed and ``s``, a resumed run sees exactly the batches an uninterrupted
+one would: the data position is the step number, saved with every checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class ArrayDataset:
+  """``images`` (N, H, W, C) uint8 and ``labels`` (N,) int32, plus the class names."""
+  images: np.ndarray
+  labels: np.ndarray
+  class_names: list[str]
+  name: str
+
+  def __post_init__(self):
+    if len(self.images) != len(self.labels):
+      raise ValueError(f"{self.name}: {len(self.images)} images but {len(self.labels)} labels")
+    if len(self.images) == 0:
+      raise ValueError(f"{self.name}: the dataset is empty")
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+  def train_batch(self, step: int, batch_size: int, seed: int) -> dict[str, np.ndarray]:
+    """Batch ``step`` of an endless stream of epochs, each a fresh permutation drawn from (seed, epoch)."""
+    n = len(self)
+    index = np.arange(step * batch_size, (step + 1) * batch_size)
+    epochs, positions = index // n, index % n
+    rows = np.empty(batch_size, dtype=np.int64)
+    for epoch in np.unique(epochs):
+      order = np.random.default_rng([seed, int(epoch)]).permutation(n)
+      rows[epochs == epoch] = order[positions[epochs == epoch]]
+    return {"image": self.images[rows], "label": self.labels[rows]}
+
+  def eval_batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Every example exactly once; the last batch is padded and carries ``mask`` 0 on the padding."""
+    n = len(self)
+    for start in range(0, n, batch_size):
+      rows = np.arange(start, min(start + batch_size, n))
+      pad = batch_size - len(rows)
+      mask = np.concatenate([np.ones(len(rows), np.float32), np.zeros(pad, np.float32)])
+      rows = np.concatenate([rows, np.zeros(pad, np.int64)])
+      yield {"image": self.images[rows], "label": self.labels[rows], "mask": mask}
+
+
+def build(cfg) -> tuple[ArrayDataset, ArrayDataset]:
+  """(train, test) datasets for ``config.data``."""
+  if cfg.name == "digits":
+    from transfer.data import digits
+    return digits.load(resolution=cfg.resolution, per_class=cfg.get("train_per_class"),
+                       test_fraction=cfg.test_fraction, split_seed=cfg.split_seed)
+  raise ValueError(f"config.data.name: unknown dataset {cfg.name!r}; available: ['digits']")
