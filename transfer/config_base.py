@@ -16,6 +16,7 @@ def base() -> ml_collections.ConfigDict:
   c.model.depth = config_dict.placeholder(float)        # override the variant's depth multiplier (tests)
   c.model.dropout = 0.2                                 # before the head
   c.model.drop_path = 0.0                               # stochastic depth in the backbone
+  c.model.bn_momentum = 0.9   # running-average momentum; 0.9 lets short fine-tuning runs' statistics catch up
   c.model.bn_train = "auto"  # BatchNorm batch statistics: True, False, or 'auto' (= some backbone param trains)
   c.model.dtype = "float32"                             # computation dtype: float32 or bfloat16
 

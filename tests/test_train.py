@@ -1,0 +1,174 @@
+"""End-to-end runs of the trainer on a tiny EfficientNet-Lite (7 blocks, 32x32 digits)."""
+import glob
+import json
+import os
+import signal
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import restore_checkpoint, run_cli, tiny_config
+from transfer import metrics as metrics_lib
+from transfer import rules, train
+from transfer.data import digits
+
+
+def _leaves(tree):
+  return {k: np.asarray(v) for k, v in rules.flatten(tree).items()}
+
+
+def test_outputs_and_frozen_backbone_stays_bit_identical(tmp_path):
+  config = tiny_config(param_rules=[("head/.*", {}), ("backbone/.*", dict(freeze=True))])
+  results = train.train(config, str(tmp_path))
+  # results.json, config.json, metrics.jsonl, TensorBoard events
+  assert json.load(open(tmp_path / "results.json")) == pytest.approx(results)
+  assert results["trainable_params"] == 1280 * 10 + 10 and results["frozen_params"] > 100_000
+  assert json.load(open(tmp_path / "config.json"))["model"]["depth"] == 0.1
+  rows = metrics_lib.read(str(tmp_path))
+  assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+  assert {"train/loss", "lr", "grad_norm"} <= set(rows[0]) and "examples_per_sec" in rows[1]
+  assert "eval/accuracy" in rows[-1] and 0.0 <= rows[-1]["eval/accuracy"] <= 1.0
+  assert glob.glob(str(tmp_path / "events.out.tfevents.*"))
+  # Frozen parameters and BN statistics: bit-identical to their initialisation; the head moved.
+  import jax.numpy as jnp
+  from transfer import models
+  model = models.build(config.model, 10)
+  init_rng, _ = jax.random.split(jax.random.PRNGKey(config.seed))
+  init = jax.jit(lambda r: model.init(r, jnp.zeros((1, 32, 32, 3)), train=False))(init_rng)
+  saved = restore_checkpoint(tmp_path)
+  init_bb = _leaves(init["params"]["backbone"])
+  saved_bb = _leaves(saved["frozen"]["backbone"])
+  assert init_bb.keys() == saved_bb.keys()
+  for k in init_bb:
+    np.testing.assert_array_equal(saved_bb[k], init_bb[k], err_msg=k)
+  for k, v in _leaves(init["batch_stats"]).items():
+    np.testing.assert_array_equal(_leaves(saved["batch_stats"])[k], v, err_msg=k)
+  assert np.abs(saved["trainable"]["head"]["kernel"]).sum() > 0   # zero-initialised head has learnt
+  # No optimizer moments for frozen parameters: every opt-state array has a head shape or is a scalar.
+  shapes = {tuple(np.shape(x)) for x in jax.tree.leaves(saved["opt_state"])}
+  assert shapes <= {(), (1280, 10), (10,)}, shapes
+
+
+def test_same_seed_same_metrics_and_grad_accumulation(tmp_path):
+  rules_frozen = [("head/.*", {}), ("backbone/.*", dict(freeze=True))]
+  a = train.train(tiny_config(param_rules=rules_frozen), str(tmp_path / "a"))
+  b = train.train(tiny_config(param_rules=rules_frozen), str(tmp_path / "b"))
+  assert metrics_lib.read(str(tmp_path / "a"))[-1]["train/loss"] == metrics_lib.read(str(tmp_path / "b"))[-1][
+      "train/loss"]
+  assert a["eval/accuracy"] == b["eval/accuracy"]
+  # With BatchNorm statistics frozen, 2 micro-batches of 8 give the same update as one batch of 16.
+  c = train.train(tiny_config(param_rules=rules_frozen, grad_accum_steps=2), str(tmp_path / "c"))
+  head_a = restore_checkpoint(tmp_path / "a")["trainable"]["head"]["kernel"]
+  head_c = restore_checkpoint(tmp_path / "c")["trainable"]["head"]["kernel"]
+  np.testing.assert_allclose(head_c, head_a, atol=1e-5)
+  assert c["eval/accuracy"] == pytest.approx(a["eval/accuracy"], abs=1e-2)
+
+
+def test_checkpoints_keep_last_and_best_and_resume_after_completion(tmp_path):
+  # A frozen backbone with a fast head: eval accuracy moves between evaluations.
+  config = tiny_config(total_steps=8, eval_every=2, param_rules=[("head/.*", {}), (".*", dict(freeze=True))])
+  config.checkpoint.keep_last = 1
+  train.train(config, str(tmp_path))
+  steps = sorted(int(os.path.basename(p)) for p in glob.glob(str(tmp_path / "checkpoints" / "*")))
+  accs = {r["step"]: r["eval/accuracy"] for r in metrics_lib.read(str(tmp_path)) if "eval/accuracy" in r}
+  assert sorted(accs) == [2, 4, 6, 8]
+  best = [s for s in steps if accs[s] == max(accs.values())]
+  assert 8 in steps and best and len(steps) <= 2, (steps, accs)   # the last one, plus the best (if not last)
+  again = train.train(config, str(tmp_path))   # relaunch: nothing to do, same final metrics
+  assert again["eval/accuracy"] == pytest.approx(accs[8])
+
+
+def test_eval_covers_every_example_once():
+  _, test = digits.load(resolution=8)
+  batches = list(test.eval_batches(64))
+  assert sum(b["mask"].sum() for b in batches) == len(test) == 360
+  assert all(len(b["label"]) == 64 for b in batches)
+  assert batches[-1]["mask"][-1] == 0
+  labels = np.concatenate([b["label"][b["mask"] > 0] for b in batches])
+  np.testing.assert_array_equal(labels, test.labels)
+
+
+def test_train_batches_depend_only_on_seed_and_step():
+  train_ds, _ = digits.load(resolution=8, per_class=10)
+  b1, b2 = train_ds.train_batch(7, 16, seed=3), train_ds.train_batch(7, 16, seed=3)
+  np.testing.assert_array_equal(b1["label"], b2["label"])
+  # Each epoch is a permutation: the first 100 examples (one epoch of 100) have no repeats.
+  rows = np.concatenate([train_ds.train_batch(s, 20, seed=0)["image"].reshape(20, -1) for s in range(5)])
+  assert len({r.tobytes() for r in rows}) == len({r.tobytes() for r in train_ds.images.reshape(100, -1)})
+
+
+def test_few_shot_subsets_are_nested_and_stratified():
+  ten, test10 = digits.load(resolution=8, per_class=10)
+  fifty, test50 = digits.load(resolution=8, per_class=50)
+  assert np.bincount(ten.labels).tolist() == [10] * 10 and np.bincount(fifty.labels).tolist() == [50] * 10
+  np.testing.assert_array_equal(test10.labels, test50.labels)
+  fifty_rows = {r.tobytes() for r in fifty.images}
+  assert all(r.tobytes() in fifty_rows for r in ten.images)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Bad input: clear errors, nothing half-written.
+# ------------------------------------------------------------------------------------------------------------------
+def test_misspelt_override_fails_before_work_naming_closest_field(tmp_path):
+  out = run_cli(["--config", "configs/digits_efficientnet.py", "--workdir", str(tmp_path / "w"),
+                 "--config.schedule.lrr=0.1"])
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert "lrr" in out.stderr and 'Did you mean "lr"' in out.stderr
+  assert not (tmp_path / "w").exists()
+
+
+def test_dataset_smaller_than_batch(tmp_path):
+  with pytest.raises(ValueError, match=r"config.batch_size=128 is larger than the training set"):
+    train.train(tiny_config(batch_size=128), str(tmp_path))
+
+
+def test_unwritable_workdir(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("x")
+  with pytest.raises(PermissionError, match="--workdir .*file/run.* cannot be written"):
+    train.train(tiny_config(), str(blocker / "run"))
+
+
+def test_uncovered_parameter_and_unknown_dataset(tmp_path):
+  with pytest.raises(ValueError, match=r"(?s)no rule covers .*backbone/"):
+    train.train(tiny_config(param_rules=[("head/.*", {})]), str(tmp_path / "a"))
+  with pytest.raises(ValueError, match=r"config.data.name: unknown dataset 'cifar'"):
+    train.train(tiny_config(**{"data.name": "cifar"}), str(tmp_path / "b"))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Processes: SIGKILL and resume; 1 vs 8 devices.
+# ------------------------------------------------------------------------------------------------------------------
+TINY_ARGS = ["--config", "tests/tiny_config.py"]
+
+
+def test_sigkill_mid_training_then_resume_matches_uninterrupted_run(tmp_path):
+  full = run_cli(TINY_ARGS + ["--workdir", str(tmp_path / "full")])
+  assert full.returncode == 0, full.stderr[-3000:]
+  killed = run_cli(TINY_ARGS + ["--workdir", str(tmp_path / "resumed"), "--config.fault.kill_at_step=5"])
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+  assert not (tmp_path / "resumed" / "results.json").exists()
+  resumed = run_cli(TINY_ARGS + ["--workdir", str(tmp_path / "resumed")])
+  assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr[-3000:]
+  a, b = restore_checkpoint(tmp_path / "full"), restore_checkpoint(tmp_path / "resumed")
+  assert int(a["step"]) == int(b["step"]) == 8
+  for k, v in _leaves({"trainable": a["trainable"], "batch_stats": a["batch_stats"]}).items():
+    np.testing.assert_array_equal(_leaves({"trainable": b["trainable"], "batch_stats": b["batch_stats"]})[k], v,
+                                  err_msg=k)
+  assert [r["step"] for r in metrics_lib.read(str(tmp_path / "resumed"))] == list(range(1, 9))
+
+
+def test_one_and_eight_devices_give_the_same_metrics(tmp_path):
+  runs = {}
+  for n in (1, 8):
+    out = run_cli(TINY_ARGS + ["--workdir", str(tmp_path / f"d{n}")],
+                  env_extra={"XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs[n] = json.load(open(tmp_path / f"d{n}" / "results.json"))
+    assert runs[n]["devices"] == n
+  rows1, rows8 = metrics_lib.read(str(tmp_path / "d1")), metrics_lib.read(str(tmp_path / "d8"))
+  for r1, r8 in zip(rows1, rows8):
+    assert r1["train/loss"] == pytest.approx(r8["train/loss"], rel=1e-4, abs=1e-5)
+    assert r1["grad_norm"] == pytest.approx(r8["grad_norm"], rel=1e-3, abs=1e-5)
+  assert runs[1]["eval/accuracy"] == pytest.approx(runs[8]["eval/accuracy"], abs=1 / 360 + 1e-9)

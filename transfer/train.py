@@ -1,0 +1,288 @@
+"""The trainer: ``python -m transfer.train --config configs/NAME.py[:ARGS] --workdir DIR [--config.FIELD=V]``.
+
+Reads top to bottom: setup, data, model and pretrained weights, parameter rules and optimizer, devices and
+steps, restore-or-start, the loop, results. Relaunching with the same workdir resumes from the last checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from tqdm import tqdm
+
+from transfer import convert, data, models, optim, rules
+from transfer.checkpoint import Checkpointer
+from transfer.metrics import MetricWriter
+
+
+def log(msg: str) -> None:
+  print(msg, flush=True)
+
+
+def _check_workdir(workdir: str) -> None:
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, ".write_test")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise PermissionError(f"--workdir {workdir!r} cannot be written: {e.strerror}") from None
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs (or resumes) the job ``config`` describes in ``workdir``; returns the contents of results.json."""
+  t_start = time.time()
+  # ==============================================================================================================
+  # Setup: workdir and resolved config.
+  # ==============================================================================================================
+  _check_workdir(workdir)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+  # ==============================================================================================================
+  # Data.
+  # ==============================================================================================================
+  train_ds, eval_ds = data.build(config.data)
+  num_classes = len(train_ds.class_names)
+  batch_size, accum = int(config.batch_size), int(config.get("grad_accum_steps", 1))
+  if batch_size > len(train_ds):
+    raise ValueError(f"config.batch_size={batch_size} is larger than the training set {train_ds.name} "
+                     f"({len(train_ds)} examples): lower it, or use more data")
+  if batch_size % accum:
+    raise ValueError(f"config.batch_size={batch_size} is not divisible by config.grad_accum_steps={accum}")
+  steps_per_epoch = max(1, len(train_ds) // batch_size)
+  total_steps = optim.steps_of(config, "total", steps_per_epoch)
+  if not total_steps:
+    raise ValueError("config: set total_steps or total_epochs (> 0)")
+  log(f"data: train {train_ds.name} {len(train_ds)} examples, eval {eval_ds.name} {len(eval_ds)}, "
+      f"{num_classes} classes; {total_steps} steps of batch {batch_size} ({total_steps / steps_per_epoch:.1f} "
+      f"epochs)")
+
+  # ==============================================================================================================
+  # Model and pretrained weights.
+  # ==============================================================================================================
+  model = models.build(config.model, num_classes)
+  resolution = int(config.data.resolution)
+  init_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(int(config.seed)))
+  variables = jax.jit(lambda r: model.init(r, jnp.zeros((1, resolution, resolution, 3)), train=False))(init_rng)
+  flat_vars = {k: np.asarray(v) for k, v in rules.flatten(variables).items()}
+  if config.model.get("pretrained"):
+    from transfer.pretrained import load_pretrained
+    _, pretrained = load_pretrained(config.model.pretrained, model=config.model.name)
+    flat_vars, report = convert.merge_pretrained(
+        flat_vars, rules.flatten(pretrained), should_load=optim.load_decider(config.param_rules),
+        source_name=f"config.model.pretrained={config.model.pretrained!r}")
+    log(f"pretrained: loaded {len(report['loaded'])} tensors from {config.model.pretrained!r}; fresh: "
+        f"{report['kept_init'] or 'none'}; checkpoint tensors not used: {len(report['dropped'])}")
+  params = {k[len("params/"):]: v for k, v in flat_vars.items() if k.startswith("params/")}
+  batch_stats = rules.unflatten({k[len("batch_stats/"):]: v for k, v in flat_vars.items()
+                                 if k.startswith("batch_stats/")})
+
+  # ==============================================================================================================
+  # Parameter rules and the partitioned optimizer.
+  # ==============================================================================================================
+  specs = optim.param_specs(config.param_rules, list(params), layer_decay=config.get("layer_decay", 0.0),
+                            layer_regexes=models.layer_regexes(model))
+  trainable, frozen = optim.split_trainable(params, specs)
+  if not trainable:
+    raise ValueError("config.param_rules freeze every parameter: nothing to train")
+  bn_train = config.model.get("bn_train", "auto")
+  if bn_train == "auto":  # BatchNorm follows the backbone: frozen backbone -> running averages stay fixed
+    bn_train = any(p.startswith("backbone/") for p in trainable)
+  shapes = {p: np.shape(v) for p, v in params.items()}
+  log("parameter rules (first match wins):\n" + optim.rules_table(
+      config.param_rules, specs, shapes, lr=config.schedule.lr, weight_decay=config.optimizer.weight_decay))
+  log(f"trainable {optim.count(trainable):,} / frozen {optim.count(frozen):,} parameters; "
+      f"BatchNorm statistics {'update' if bn_train else 'frozen'}")
+  schedule = optim.make_schedule(config.schedule, total_steps, steps_per_epoch)
+  tx = optim.make_optimizer(config.optimizer, specs, schedule, rules.unflatten)
+  trainable, frozen = rules.unflatten(trainable), rules.unflatten(frozen)
+
+  # ==============================================================================================================
+  # Devices, sharding and the jitted steps.
+  # ==============================================================================================================
+  mesh = Mesh(np.array(jax.devices()), ("data",))
+  replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  n_dev = jax.device_count()
+  eval_batch_size = int(config.eval_batch_size)
+  for field, size in (("batch_size", batch_size // accum), ("eval_batch_size", eval_batch_size)):
+    if size % n_dev:
+      raise ValueError(f"config.{field} (per micro-batch {size}) must be divisible by the {n_dev} devices")
+  smoothing = float(config.get("label_smoothing", 0.0))
+
+  def loss_fn(trainable, frozen, batch_stats, batch, rng):
+    params = rules.unflatten({**rules.flatten(trainable), **rules.flatten(jax.lax.stop_gradient(frozen))})
+    images = batch["image"].astype(jnp.float32) / 127.5 - 1.0
+    out = model.apply({"params": params, "batch_stats": batch_stats}, images, train=True, bn_train=bn_train,
+                      rngs={"dropout": rng}, mutable=["batch_stats"] if bn_train else [])
+    logits, new_vars = out
+    targets = optax.smooth_labels(jax.nn.one_hot(batch["label"], num_classes), smoothing)
+    loss = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets).mean()
+    return loss, new_vars.get("batch_stats", batch_stats)
+
+  def train_step(state, batch):
+    """One optimizer step; with grad_accum_steps > 1 the batch is split into interleaved micro-batches."""
+    rng = jax.random.fold_in(state["rng"], state["step"])
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if accum == 1:
+      (loss, batch_stats), grads = grad_fn(state["trainable"], state["frozen"], state["batch_stats"], batch, rng)
+    else:
+      micro = jax.tree.map(lambda x: x.reshape((-1, accum) + x.shape[1:]).swapaxes(0, 1), batch)
+
+      def body(carry, i_mb):
+        loss_sum, grad_sum, bs = carry
+        i, mb = i_mb
+        (loss, bs), g = grad_fn(state["trainable"], state["frozen"], bs, mb, jax.random.fold_in(rng, i))
+        return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, g), bs), None
+
+      zeros = jax.tree.map(jnp.zeros_like, state["trainable"])
+      (loss, grads, batch_stats), _ = jax.lax.scan(body, (0.0, zeros, state["batch_stats"]),
+                                                   (jnp.arange(accum), micro))
+      loss, grads = loss / accum, jax.tree.map(lambda g: g / accum, grads)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
+    new_state = {**state, "trainable": optax.apply_updates(state["trainable"], updates), "opt_state": opt_state,
+                 "batch_stats": batch_stats, "step": state["step"] + 1}
+    return new_state, {"train/loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state["step"])}
+
+  def eval_step(state, batch):
+    params = rules.unflatten({**rules.flatten(state["trainable"]), **rules.flatten(state["frozen"])})
+    images = batch["image"].astype(jnp.float32) / 127.5 - 1.0
+    logits = model.apply({"params": params, "batch_stats": state["batch_stats"]}, images, train=False)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["label"])
+    correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+    return {"loss": (loss * batch["mask"]).sum(), "correct": (correct * batch["mask"]).sum(),
+            "count": batch["mask"].sum()}
+
+  p_train_step = jax.jit(train_step, in_shardings=(replicated, sharded), out_shardings=(replicated, replicated),
+                         donate_argnums=0)
+  p_eval_step = jax.jit(eval_step, in_shardings=(replicated, sharded), out_shardings=replicated)
+
+  def evaluate(state) -> dict:
+    sums = {"loss": 0.0, "correct": 0.0, "count": 0.0}
+    n_batches = -(-len(eval_ds) // eval_batch_size)
+    for batch in tqdm(eval_ds.eval_batches(eval_batch_size), total=n_batches, desc="eval", leave=False,
+                      dynamic_ncols=True, disable=None):
+      out = jax.device_get(p_eval_step(state, jax.device_put(batch, sharded)))
+      sums = {k: sums[k] + float(out[k]) for k in sums}
+    return {"eval/accuracy": sums["correct"] / sums["count"], "eval/loss": sums["loss"] / sums["count"]}
+
+  # ==============================================================================================================
+  # Restore the last checkpoint, or start.
+  # ==============================================================================================================
+  state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "frozen": frozen,
+           "batch_stats": batch_stats, "opt_state": tx.init(trainable), "rng": dropout_rng}
+  state = jax.device_put(state, replicated)
+  ckpt_cfg = config.checkpoint
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep_last=ckpt_cfg.keep_last,
+                      best_metric=ckpt_cfg.get("best_metric"), best_mode=ckpt_cfg.get("best_mode", "max"))
+  start_step = ckpt.latest_step() or 0
+  if start_step:
+    state = ckpt.restore(start_step, state)
+    log(f"resumed from {workdir}/checkpoints step {start_step}")
+  writer = MetricWriter(workdir, resume_step=start_step)
+
+  # ==============================================================================================================
+  # The loop.
+  # ==============================================================================================================
+  log_every, eval_every = int(config.log_every), int(config.get("eval_every") or 0)
+  ckpt_every = int(ckpt_cfg.every_steps or 0)
+  kill_at = config.get("fault", {}).get("kill_at_step")
+  compile_seconds, timed_examples, timed_seconds = 0.0, 0, 0.0
+  metrics = {}
+  bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True, disable=None)
+  t_log, examples_since_log = time.time(), 0
+  for step in range(start_step + 1, total_steps + 1):
+    batch = train_ds.train_batch(step - 1, batch_size, seed=int(config.seed))
+    t0 = time.time()
+    state, step_metrics = p_train_step(state, jax.device_put(batch, sharded))
+    if step == start_step + 1:  # the first step compiles: keep it out of the throughput figures
+      jax.block_until_ready(state)
+      compile_seconds = time.time() - t0
+      t_log, examples_since_log = time.time(), 0
+    else:
+      examples_since_log += batch_size
+    bar.update(1)
+    eval_metrics = evaluate(state) if (eval_every and step % eval_every == 0) or step == total_steps else None
+    if step % log_every == 0 or step == total_steps or eval_metrics:
+      row = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+      elapsed = time.time() - t_log
+      if examples_since_log:
+        row["examples_per_sec"] = examples_since_log / elapsed
+        timed_examples, timed_seconds = timed_examples + examples_since_log, timed_seconds + elapsed
+      if not np.isfinite(row["train/loss"]):
+        raise FloatingPointError(f"step {step}: train/loss is {row['train/loss']}; the last good checkpoint "
+                                 f"is kept in {workdir}/checkpoints")
+      row.update(eval_metrics or {})
+      writer.write(step, row)
+      metrics = {**metrics, **row}
+      bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k in ("train/loss", "eval/accuracy")})
+      t_log, examples_since_log = time.time(), 0
+    if (ckpt_every and step % ckpt_every == 0) or step == total_steps:
+      ckpt.save(step, state, metrics=eval_metrics)
+    if kill_at and step == int(kill_at):  # fault injection for the resume test: die like a preempted job
+      ckpt.manager.wait_until_finished()
+      os.kill(os.getpid(), signal.SIGKILL)
+  bar.close()
+  ckpt.close()
+  writer.close()
+
+  # ==============================================================================================================
+  # Results.
+  # ==============================================================================================================
+  if start_step >= total_steps:  # relaunched after completion: report the final checkpoint again
+    metrics = evaluate(state)
+  results = {
+      "step": total_steps,
+      **{k: v for k, v in metrics.items() if k.startswith("eval/")},
+      "wall_seconds": time.time() - t_start,
+      "compile_seconds": compile_seconds,
+      "train_examples_per_sec": timed_examples / timed_seconds if timed_seconds else None,
+      "trainable_params": optim.count(rules.flatten(state["trainable"])),
+      "frozen_params": optim.count(rules.flatten(state["frozen"])),
+      "devices": n_dev,
+  }
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump(results, f, indent=2)
+  log("results: " + json.dumps(results))
+  return results
+
+
+# ================================================================================================================
+# Command line.
+# ================================================================================================================
+def main(argv=None) -> int:
+  from absl import flags
+  from ml_collections import config_flags
+
+  config_flag = config_flags.DEFINE_config_file("config", None, "configs/NAME.py[:ARGS]", lock_config=True)
+  flags.DEFINE_string("workdir", None, "where checkpoints, metrics and results go (resumes if it has them)")
+  argv = sys.argv if argv is None else argv
+  try:
+    flags.FLAGS(argv)
+  except (AttributeError, KeyError, flags.Error) as e:  # misspelt --config.X overrides land here, before any work
+    msg = str(e).strip("'\"").replace("\\n", "\n").replace("\\'", "'")
+    print(f"error in the command line: {msg}", file=sys.stderr)
+    return 2
+  if config_flag.value is None or not flags.FLAGS.workdir:
+    print("usage: python -m transfer.train --config configs/NAME.py --workdir DIR", file=sys.stderr)
+    return 2
+  try:
+    train(config_flag.value, flags.FLAGS.workdir)
+  except (ValueError, FileNotFoundError, PermissionError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
