@@ -38,8 +38,13 @@ def main() -> None:
     for mode in args.modes.split(","):
       workdir = os.path.join(args.workdir, f"{mode}_{per_class or 'all'}")
       print(f"\n=== {mode}, {per_class or 'all'} labels/class -> {workdir}", flush=True)
-      config = digits_efficientnet.get_config(f"mode={mode},per_class={per_class}")
-      results = train.train(config, workdir)
+      done = os.path.join(workdir, "results.json")
+      if os.path.exists(done):
+        with open(done) as f:
+          results = json.load(f)
+        print(f"finished earlier: {done}")
+      else:
+        results = train.train(digits_efficientnet.get_config(f"mode={mode},per_class={per_class}"), workdir)
       rows.append({"mode": mode, "per_class": per_class, **results})
   print(f"\nEfficientNet-Lite0 on digits (test split: 360 images), total {time.time() - t0:.0f} s\n")
   print(table(rows))

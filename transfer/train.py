@@ -229,8 +229,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       t_log, examples_since_log = time.time(), 0
     if (ckpt_every and step % ckpt_every == 0) or step == total_steps:
       ckpt.save(step, state, metrics=eval_metrics)
-    if kill_at and step == int(kill_at):  # fault injection for the resume test: die like a preempted job
-      ckpt.manager.wait_until_finished()
+    if kill_at and step == int(kill_at):  # fault injection: die like a preempted job, even mid-save
       os.kill(os.getpid(), signal.SIGKILL)
   bar.close()
   ckpt.close()
