@@ -35,9 +35,11 @@ Run::
   PYTHONPATH=. python experiments/bench_train_step.py --resolutions 64,96 --batch 32 --steps 20 --warmup 3
   PYTHONPATH=. python experiments/bench_train_step.py --quick --out /tmp/bench.json   # 64 px, 5 steps (smoke)
 
-Prints a Markdown table and writes every row plus the environment (CPU model, thread count, versions, load
-average) as JSON to ``--out``. Absolute figures move by 2x or more between machines (and with anything else running:
-check the recorded load average), so only compare ratios measured within one run.
+Prints a Markdown table and writes every row plus the environment (CPU model, thread count, versions, load) as
+JSON to ``--out``. Absolute figures move by 2x or more between machines, so only compare ratios measured within one
+run. Run it on an idle machine: another process on the same cores slows PyTorch's OpenMP threads far more than
+XLA's (10x+ seen), so the parent samples other CPU use before each case (``busy_cores_before``) and marks rows
+that started under load with ``*``.
 """
 from __future__ import annotations
 
@@ -77,6 +79,7 @@ PARAM_RULES = {
 PARAM_RULES["inference"] = PARAM_RULES["frozen"]
 
 RESULT_MARKER = "BENCH_RESULT "
+BUSY_WARN = 0.25   # cores' worth of other CPU load just before a case that marks its row as noisy
 
 
 # ================================================================================================================
@@ -102,6 +105,21 @@ def _current_rss_mb() -> float:
 
 def _peak_rss_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
+
+
+def busy_cores(seconds: float = 0.5) -> float:
+  """How many cores' worth of CPU the whole machine used over ``seconds`` (from /proc/stat): other load."""
+  def snapshot():
+    with open("/proc/stat") as f:
+      ticks = [int(v) for v in f.readline().split()[1:9]]
+    return sum(ticks), ticks[3] + ticks[4]  # total, idle + iowait
+  try:
+    total0, idle0 = snapshot()
+    time.sleep(seconds)
+    total1, idle1 = snapshot()
+  except OSError:
+    return float("nan")
+  return (1.0 - (idle1 - idle0) / max(total1 - total0, 1)) * (os.cpu_count() or 1)
 
 
 def _timing(first_s: float, step_times: list[float], batch: int) -> dict:
@@ -219,6 +237,12 @@ def _jax_case(mode: str, res: int, args) -> dict:
       return state, metrics
 
   out["peak_rss_after_compile_mb"] = _peak_rss_mb()  # before any step has run: XLA compilation's share
+  try:  # XLA's own accounting: the step's preallocated temporaries and the size of the generated code
+    mem = compiled.memory_analysis()
+    out["xla_memory_mb"] = {k: getattr(mem, f"{k}_size_in_bytes") / 2**20
+                            for k in ("argument", "output", "alias", "temp", "generated_code")}
+  except Exception:  # noqa: BLE001 (not every backend/version provides it)
+    pass
   t0 = time.perf_counter()
   jax.block_until_ready(run())
   first_run_s = time.perf_counter() - t0
@@ -374,6 +398,7 @@ def run_case(framework: str, mode: str, res: int, args) -> dict:
   cmd = [sys.executable, os.path.abspath(__file__), "--child", f"{framework}:{mode}:{res}", "--batch",
          str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
   env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
+  busy = busy_cores()
   t0 = time.perf_counter()
   try:
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.case_timeout, cwd=ROOT)
@@ -387,6 +412,7 @@ def run_case(framework: str, mode: str, res: int, args) -> dict:
             "error": f"exit code {proc.returncode}: {tail}"}
   row = json.loads(lines[-1][len(RESULT_MARKER):])
   row["process_wall_s"] = time.perf_counter() - t0
+  row["busy_cores_before"] = busy
   return row
 
 
@@ -416,7 +442,8 @@ def table(rows: list[dict]) -> str:
     ratio = "-"
     if r.get("ratio_jax_over_pytorch") is not None:
       ratio = f"{r['ratio_jax_over_pytorch']:.2f} (vs {'NCHW' if r['ratio_against'] == 'torch' else 'CL'})"
-    lines.append(f"| {r['resolution']} | {r['mode']} | {label} | {r['examples_per_sec']:.1f} | {first:.2f} | "
+    noisy = " *" if r.get("busy_cores_before", 0.0) > BUSY_WARN else ""
+    lines.append(f"| {r['resolution']} | {r['mode']} | {label} | {r['examples_per_sec']:.1f}{noisy} | {first:.2f} | "
                  f"{r['peak_rss_mb']:.0f} | {ratio} |")
   return "\n".join([head] + lines)
 
@@ -426,9 +453,10 @@ def run_parent(args) -> int:
   print(f"bench_train_step: {MODEL}, batch {args.batch}, resolutions {args.resolutions}, {args.warmup} warmup + "
         f"{args.steps} timed steps, {args.threads} threads on {env['cpu_model']}; jax {env['versions']['jax']}, "
         f"torch {env['versions']['torch']}", flush=True)
-  if env["loadavg_start"][0] > 0.5:
-    print(f"note: 1-min load average is {env['loadavg_start'][0]:.2f} before starting: something else is using "
-          f"the CPU, figures will be noisy", flush=True)
+  env["busy_cores_start"] = busy_cores(1.0)
+  if env["busy_cores_start"] > BUSY_WARN:
+    print(f"note: other processes are using {env['busy_cores_start']:.2f} cores right now: figures will be noisy "
+          f"(PyTorch's OpenMP threads far more than XLA's)", flush=True)
   rows, t0 = [], time.time()
   for res in args.resolutions:
     for mode in MODES:
@@ -446,6 +474,10 @@ def run_parent(args) -> int:
   print(text)
   print(f"\n{args.threads} threads ({env['cpu_model']}), batch {args.batch}, {args.steps} timed steps; "
         f"JAX/PyTorch = examples/s ratio against the faster PyTorch layout; total {env['wall_seconds']:.0f} s")
+  noisy = [r for r in rows if r.get("busy_cores_before", 0.0) > BUSY_WARN]
+  if noisy:
+    print(f"* {len(noisy)} case(s) started while other processes used > {BUSY_WARN} cores: rerun on an idle "
+          f"machine before trusting them")
   out_dir = os.path.dirname(os.path.abspath(args.out))
   os.makedirs(out_dir, exist_ok=True)
   with open(args.out, "w") as f:
