@@ -14,8 +14,9 @@ sides: AdamW (lr 1e-3, backbone lr 1e-4 in ``full``, weight decay 1e-4, b1 0.9, 
 gradient-norm clipping at 1.0; softmax cross-entropy; a fixed random batch of uint8 NHWC images scaled to [-1, 1]
 inside the step.
 
-* JAX: ``transfer.models.build`` + ``transfer.optim`` (param rules, partitioned optimizer) + the same
-  ``loss_fn``/``train_step`` as ``transfer/train.py`` (see ``_jax_case``), ``jax.jit(..., donate_argnums=0)``.
+* JAX: the trainer's own pieces, ``transfer.train.init_variables`` (model + pretrained merge),
+  ``init_optimization`` (param rules, partitioned optimizer, state) and ``make_steps`` (the train step), jitted
+  with the trainer's shardings and ``donate_argnums=0`` (see ``_jax_case``).
 * PyTorch (eager): ``efficientnet_lite_pytorch.EfficientNet.from_name('efficientnet-lite0', image_size=RES)``,
   ``torch.optim.AdamW`` (its defaults), ``clip_grad_norm_``, ``torch.set_num_threads(THREADS)``; timed twice,
   with the default NCHW layout and with ``channels_last`` (the JAX row's ratio is against the faster of the two).
@@ -136,11 +137,10 @@ def _jax_case(mode: str, res: int, args) -> dict:
   import jax
   import jax.numpy as jnp
   import numpy as np
-  import optax
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-  from transfer import config_base, convert, models, optim, rules
-  from transfer.pretrained import load_pretrained
+  from transfer import config_base, optim, rules
+  from transfer import train as train_lib
   rss_after_import = _current_rss_mb()
 
   # The config the trainer would see: config_base defaults (dropout 0.2, BN momentum 0.9, AdamW b1/b2/eps,
@@ -156,18 +156,9 @@ def _jax_case(mode: str, res: int, args) -> dict:
   config.param_rules = PARAM_RULES[mode]
   total_steps = args.warmup + args.steps
 
-  # Model and pretrained weights, as in train(): init, then merge the converted ImageNet checkpoint.
-  model = models.build(config.model, NUM_CLASSES)
-  init_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(SEED))
-  variables = jax.jit(lambda r: model.init(r, jnp.zeros((1, res, res, 3)), train=False))(init_rng)
-  flat_vars = {k: np.asarray(v) for k, v in rules.flatten(variables).items()}
-  _, pretrained = load_pretrained(PRETRAINED, model=MODEL)
-  flat_vars, _ = convert.merge_pretrained(flat_vars, rules.flatten(pretrained),
-                                          should_load=optim.load_decider(config.param_rules),
-                                          source_name=PRETRAINED)
-  params = {k[len("params/"):]: v for k, v in flat_vars.items() if k.startswith("params/")}
-  batch_stats = rules.unflatten({k[len("batch_stats/"):]: v for k, v in flat_vars.items()
-                                 if k.startswith("batch_stats/")})
+  # Model and pretrained weights: the trainer's own init (fresh head, ImageNet backbone merged by the load rules).
+  config.seed, config.model.pretrained, config.data.resolution = SEED, PRETRAINED, res
+  model, params, batch_stats, dropout_rng = train_lib.init_variables(config, NUM_CLASSES)
 
   mesh = Mesh(np.array(jax.devices()), ("data",))
   replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
@@ -188,41 +179,12 @@ def _jax_case(mode: str, res: int, args) -> dict:
     compile_s = time.perf_counter() - t0
     run = lambda: compiled(variables, batch)
   else:
-    # Parameter rules and the partitioned optimizer, exactly as in train().
-    specs = optim.param_specs(config.param_rules, list(params), layer_decay=config.get("layer_decay", 0.0),
-                              layer_regexes=models.layer_regexes(model))
-    trainable, frozen = optim.split_trainable(params, specs)
-    bn_train = any(p.startswith("backbone/") for p in trainable)  # config.model.bn_train == "auto"
-    out.update(trainable_params=optim.count(trainable), frozen_params=optim.count(frozen), bn_train=bn_train)
-    schedule = optim.make_schedule(config.schedule, total_steps, 1)
-    tx = optim.make_optimizer(config.optimizer, specs, schedule, rules.unflatten)
-    trainable, frozen = rules.unflatten(trainable), rules.unflatten(frozen)
-    smoothing = float(config.get("label_smoothing", 0.0))
-
-    # loss_fn and train_step mirror transfer/train.py's (the closures inside train()), minus gradient
-    # accumulation (grad_accum_steps = 1): frozen parameters enter under stop_gradient and only the trainable
-    # ones are differentiated, so XLA drops the backbone's backward pass when it is frozen. Keep them in sync.
-    def loss_fn(trainable, frozen, batch_stats, batch, rng):
-      params = rules.unflatten({**rules.flatten(trainable), **rules.flatten(jax.lax.stop_gradient(frozen))})
-      images = batch["image"].astype(jnp.float32) / 127.5 - 1.0
-      out = model.apply({"params": params, "batch_stats": batch_stats}, images, train=True, bn_train=bn_train,
-                        rngs={"dropout": rng}, mutable=["batch_stats"] if bn_train else [])
-      logits, new_vars = out
-      targets = optax.smooth_labels(jax.nn.one_hot(batch["label"], NUM_CLASSES), smoothing)
-      loss = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets).mean()
-      return loss, new_vars.get("batch_stats", batch_stats)
-
-    def train_step(state, batch):
-      rng = jax.random.fold_in(state["rng"], state["step"])
-      grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-      (loss, batch_stats), grads = grad_fn(state["trainable"], state["frozen"], state["batch_stats"], batch, rng)
-      updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
-      new_state = {**state, "trainable": optax.apply_updates(state["trainable"], updates),
-                   "opt_state": opt_state, "batch_stats": batch_stats, "step": state["step"] + 1}
-      return new_state, {"train/loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state["step"])}
-
-    state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "frozen": frozen,
-             "batch_stats": batch_stats, "opt_state": tx.init(trainable), "rng": dropout_rng}
+    # Rules, partitioned optimizer, initial state and step: the trainer's own functions.
+    specs, bn_train, schedule, tx, state = train_lib.init_optimization(
+        config, model, params, batch_stats, dropout_rng, total_steps=total_steps, steps_per_epoch=1)
+    out.update(trainable_params=optim.count(rules.flatten(state["trainable"])),
+               frozen_params=optim.count(rules.flatten(state["frozen"])), bn_train=bn_train)
+    train_step, _ = train_lib.make_steps(model, tx, schedule, num_classes=NUM_CLASSES, bn_train=bn_train)
     state = jax.device_put(state, replicated)
     t0 = time.perf_counter()
     compiled = jax.jit(train_step, in_shardings=(replicated, sharded), out_shardings=(replicated, replicated),

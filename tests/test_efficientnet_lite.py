@@ -13,7 +13,6 @@ torch = pytest.importorskip('torch')
 efficientnet_lite_pytorch = pytest.importorskip('efficientnet_lite_pytorch')
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import flax.linen as nn  # noqa: E402
 
 from transfer.convert import ConversionError  # noqa: E402

@@ -77,6 +77,10 @@ def test_checkpoints_keep_last_and_best_and_resume_after_completion(tmp_path):
   assert 8 in steps and best and len(steps) <= 2, (steps, accs)   # the last one, plus the best (if not last)
   again = train.train(config, str(tmp_path))   # relaunch: nothing to do, same final metrics
   assert again["eval/accuracy"] == pytest.approx(accs[8])
+  other = tiny_config(total_steps=8, param_rules=[(".*", {})])   # unfreezing changes the state's structure
+  with pytest.raises(ValueError, match="holds a checkpoint \\(step 8\\) that does not fit this config"):
+    train.train(other, str(tmp_path))
+  assert 8 in [int(os.path.basename(p)) for p in glob.glob(str(tmp_path / "checkpoints" / "*"))]
 
 
 def test_eval_covers_every_example_once():

@@ -39,38 +39,9 @@ def _check_workdir(workdir: str) -> None:
     raise PermissionError(f"--workdir {workdir!r} cannot be written: {e.strerror}") from None
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs (or resumes) the job ``config`` describes in ``workdir``; returns the contents of results.json."""
-  t_start = time.time()
-  # ==============================================================================================================
-  # Setup: workdir and resolved config.
-  # ==============================================================================================================
-  _check_workdir(workdir)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-
-  # ==============================================================================================================
-  # Data.
-  # ==============================================================================================================
-  train_ds, eval_ds = data.build(config.data)
-  num_classes = len(train_ds.class_names)
-  batch_size, accum = int(config.batch_size), int(config.get("grad_accum_steps", 1))
-  if batch_size > len(train_ds):
-    raise ValueError(f"config.batch_size={batch_size} is larger than the training set {train_ds.name} "
-                     f"({len(train_ds)} examples): lower it, or use more data")
-  if batch_size % accum:
-    raise ValueError(f"config.batch_size={batch_size} is not divisible by config.grad_accum_steps={accum}")
-  steps_per_epoch = max(1, len(train_ds) // batch_size)
-  total_steps = optim.steps_of(config, "total", steps_per_epoch)
-  if not total_steps:
-    raise ValueError("config: set total_steps or total_epochs (> 0)")
-  log(f"data: train {train_ds.name} {len(train_ds)} examples, eval {eval_ds.name} {len(eval_ds)}, "
-      f"{num_classes} classes; {total_steps} steps of batch {batch_size} ({total_steps / steps_per_epoch:.1f} "
-      f"epochs)")
-
-  # ==============================================================================================================
-  # Model and pretrained weights.
-  # ==============================================================================================================
+def init_variables(config: ml_collections.ConfigDict, num_classes: int):
+  """(model, params as a flat dict, batch_stats, dropout rng): fresh init, then the pretrained checkpoint merged
+  in wherever the ``load`` rules allow (strict diff: see ``transfer.convert.merge_pretrained``)."""
   model = models.build(config.model, num_classes)
   resolution = int(config.data.resolution)
   init_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(int(config.seed)))
@@ -87,10 +58,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   params = {k[len("params/"):]: v for k, v in flat_vars.items() if k.startswith("params/")}
   batch_stats = rules.unflatten({k[len("batch_stats/"):]: v for k, v in flat_vars.items()
                                  if k.startswith("batch_stats/")})
+  return model, params, batch_stats, dropout_rng
 
-  # ==============================================================================================================
-  # Parameter rules and the partitioned optimizer.
-  # ==============================================================================================================
+
+def init_optimization(config: ml_collections.ConfigDict, model, params: dict, batch_stats, rng, *,
+                      total_steps: int, steps_per_epoch: int):
+  """(specs, bn_train, schedule, tx, state): what the rules decide, the partitioned optimizer, the initial state."""
   specs = optim.param_specs(config.param_rules, list(params), layer_decay=config.get("layer_decay", 0.0),
                             layer_regexes=models.layer_regexes(model))
   trainable, frozen = optim.split_trainable(params, specs)
@@ -99,26 +72,21 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   bn_train = config.model.get("bn_train", "auto")
   if bn_train == "auto":  # BatchNorm follows the backbone: frozen backbone -> running averages stay fixed
     bn_train = any(p.startswith("backbone/") for p in trainable)
-  shapes = {p: np.shape(v) for p, v in params.items()}
-  log("parameter rules (first match wins):\n" + optim.rules_table(
-      config.param_rules, specs, shapes, lr=config.schedule.lr, weight_decay=config.optimizer.weight_decay))
-  log(f"trainable {optim.count(trainable):,} / frozen {optim.count(frozen):,} parameters; "
-      f"BatchNorm statistics {'update' if bn_train else 'frozen'}")
   schedule = optim.make_schedule(config.schedule, total_steps, steps_per_epoch)
   tx = optim.make_optimizer(config.optimizer, specs, schedule, rules.unflatten)
   trainable, frozen = rules.unflatten(trainable), rules.unflatten(frozen)
+  state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "frozen": frozen,
+           "batch_stats": batch_stats, "opt_state": tx.init(trainable), "rng": rng}
+  return specs, bool(bn_train), schedule, tx, state
 
-  # ==============================================================================================================
-  # Devices, sharding and the jitted steps.
-  # ==============================================================================================================
-  mesh = Mesh(np.array(jax.devices()), ("data",))
-  replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-  n_dev = jax.device_count()
-  eval_batch_size = int(config.eval_batch_size)
-  for field, size in (("batch_size", batch_size // accum), ("eval_batch_size", eval_batch_size)):
-    if size % n_dev:
-      raise ValueError(f"config.{field} (per micro-batch {size}) must be divisible by the {n_dev} devices")
-  smoothing = float(config.get("label_smoothing", 0.0))
+
+def make_steps(model, tx: optax.GradientTransformation, schedule: optax.Schedule, *, num_classes: int,
+               bn_train: bool, accum: int = 1, smoothing: float = 0.0):
+  """(train_step, eval_step): pure functions of (state, batch) for the caller to jit with its shardings.
+
+  ``state`` holds ``trainable`` and ``frozen`` params separately: only ``trainable`` is differentiated and frozen
+  ones enter under ``stop_gradient``, so XLA drops every backward computation that only frozen weights need.
+  """
 
   def loss_fn(trainable, frozen, batch_stats, batch, rng):
     params = rules.unflatten({**rules.flatten(trainable), **rules.flatten(jax.lax.stop_gradient(frozen))})
@@ -163,6 +131,68 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return {"loss": (loss * batch["mask"]).sum(), "correct": (correct * batch["mask"]).sum(),
             "count": batch["mask"].sum()}
 
+  return train_step, eval_step
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs (or resumes) the job ``config`` describes in ``workdir``; returns the contents of results.json."""
+  t_start = time.time()
+  # ==============================================================================================================
+  # Setup: workdir and resolved config.
+  # ==============================================================================================================
+  _check_workdir(workdir)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+  # ==============================================================================================================
+  # Data.
+  # ==============================================================================================================
+  train_ds, eval_ds = data.build(config.data)
+  num_classes = len(train_ds.class_names)
+  batch_size, accum = int(config.batch_size), int(config.get("grad_accum_steps", 1))
+  if batch_size > len(train_ds):
+    raise ValueError(f"config.batch_size={batch_size} is larger than the training set {train_ds.name} "
+                     f"({len(train_ds)} examples): lower it, or use more data")
+  if batch_size % accum:
+    raise ValueError(f"config.batch_size={batch_size} is not divisible by config.grad_accum_steps={accum}")
+  steps_per_epoch = max(1, len(train_ds) // batch_size)
+  total_steps = optim.steps_of(config, "total", steps_per_epoch)
+  if not total_steps:
+    raise ValueError("config: set total_steps or total_epochs (> 0)")
+  log(f"data: train {train_ds.name} {len(train_ds)} examples, eval {eval_ds.name} {len(eval_ds)}, "
+      f"{num_classes} classes; {total_steps} steps of batch {batch_size} ({total_steps / steps_per_epoch:.1f} "
+      f"epochs)")
+
+  # ==============================================================================================================
+  # Model and pretrained weights.
+  # ==============================================================================================================
+  model, params, batch_stats, dropout_rng = init_variables(config, num_classes)
+
+  # ==============================================================================================================
+  # Parameter rules and the partitioned optimizer.
+  # ==============================================================================================================
+  specs, bn_train, schedule, tx, state = init_optimization(config, model, params, batch_stats, dropout_rng,
+                                                           total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+  shapes = {p: np.shape(v) for p, v in params.items()}
+  log("parameter rules (first match wins):\n" + optim.rules_table(
+      config.param_rules, specs, shapes, lr=config.schedule.lr, weight_decay=config.optimizer.weight_decay))
+  log(f"trainable {optim.count(rules.flatten(state['trainable'])):,} / frozen "
+      f"{optim.count(rules.flatten(state['frozen'])):,} parameters; "
+      f"BatchNorm statistics {'update' if bn_train else 'frozen'}")
+
+  # ==============================================================================================================
+  # Devices, sharding and the jitted steps.
+  # ==============================================================================================================
+  mesh = Mesh(np.array(jax.devices()), ("data",))
+  replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  n_dev = jax.device_count()
+  eval_batch_size = int(config.eval_batch_size)
+  for field, size in (("batch_size", batch_size // accum), ("eval_batch_size", eval_batch_size)):
+    if size % n_dev:
+      raise ValueError(f"config.{field} (per micro-batch {size}) must be divisible by the {n_dev} devices")
+
+  train_step, eval_step = make_steps(model, tx, schedule, num_classes=num_classes, bn_train=bn_train,
+                                     accum=accum, smoothing=float(config.get("label_smoothing", 0.0)))
   p_train_step = jax.jit(train_step, in_shardings=(replicated, sharded), out_shardings=(replicated, replicated),
                          donate_argnums=0)
   p_eval_step = jax.jit(eval_step, in_shardings=(replicated, sharded), out_shardings=replicated)
@@ -179,15 +209,17 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # ==============================================================================================================
   # Restore the last checkpoint, or start.
   # ==============================================================================================================
-  state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "frozen": frozen,
-           "batch_stats": batch_stats, "opt_state": tx.init(trainable), "rng": dropout_rng}
   state = jax.device_put(state, replicated)
   ckpt_cfg = config.checkpoint
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep_last=ckpt_cfg.keep_last,
                       best_metric=ckpt_cfg.get("best_metric"), best_mode=ckpt_cfg.get("best_mode", "max"))
   start_step = ckpt.latest_step() or 0
   if start_step:
-    state = ckpt.restore(start_step, state)
+    try:
+      state = ckpt.restore(start_step, state)
+    except (ValueError, KeyError, TypeError) as e:
+      raise ValueError(f"--workdir {workdir!r} holds a checkpoint (step {start_step}) that does not fit this "
+                       f"config (another model, rules or optimizer?); use a new workdir. Orbax said: {e}") from None
     log(f"resumed from {workdir}/checkpoints step {start_step}")
   writer = MetricWriter(workdir, resume_step=start_step)
 
