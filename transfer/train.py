@@ -39,13 +39,15 @@ def _check_workdir(workdir: str) -> None:
     raise PermissionError(f"--workdir {workdir!r} cannot be written: {e.strerror}") from None
 
 
-def init_variables(config: ml_collections.ConfigDict, num_classes: int):
+def init_variables(config: ml_collections.ConfigDict, num_classes: int, example: dict):
   """(model, params as a flat dict, batch_stats, dropout rng): fresh init, then the pretrained checkpoint merged
-  in wherever the ``load`` rules allow (strict diff: see ``transfer.convert.merge_pretrained``)."""
+  in wherever the ``load`` rules allow (strict diff: see ``transfer.convert.merge_pretrained``).
+
+  ``example`` is a batch (one row is enough) that fixes the input shapes."""
   model = models.build(config.model, num_classes)
-  resolution = int(config.data.resolution)
   init_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(int(config.seed)))
-  variables = jax.jit(lambda r: model.init(r, jnp.zeros((1, resolution, resolution, 3)), train=False))(init_rng)
+  example = {k: v[:1] for k, v in example.items() if k not in ("label", "mask")}
+  variables = jax.jit(lambda r: model.init(r, example, train=False))(init_rng)
   flat_vars = {k: np.asarray(v) for k, v in rules.flatten(variables).items()}
   if config.model.get("pretrained"):
     from transfer.pretrained import load_pretrained
@@ -90,10 +92,9 @@ def make_steps(model, tx: optax.GradientTransformation, schedule: optax.Schedule
 
   def loss_fn(trainable, frozen, batch_stats, batch, rng):
     params = rules.unflatten({**rules.flatten(trainable), **rules.flatten(jax.lax.stop_gradient(frozen))})
-    images = batch["image"].astype(jnp.float32) / 127.5 - 1.0
-    out = model.apply({"params": params, "batch_stats": batch_stats}, images, train=True, bn_train=bn_train,
-                      rngs={"dropout": rng}, mutable=["batch_stats"] if bn_train else [])
-    logits, new_vars = out
+    logits, new_vars = model.apply({"params": params, "batch_stats": batch_stats}, batch, train=True,
+                                   bn_train=bn_train, rngs={"dropout": rng},
+                                   mutable=["batch_stats"] if bn_train else [])
     targets = optax.smooth_labels(jax.nn.one_hot(batch["label"], num_classes), smoothing)
     loss = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets).mean()
     return loss, new_vars.get("batch_stats", batch_stats)
@@ -124,8 +125,7 @@ def make_steps(model, tx: optax.GradientTransformation, schedule: optax.Schedule
 
   def eval_step(state, batch):
     params = rules.unflatten({**rules.flatten(state["trainable"]), **rules.flatten(state["frozen"])})
-    images = batch["image"].astype(jnp.float32) / 127.5 - 1.0
-    logits = model.apply({"params": params, "batch_stats": state["batch_stats"]}, images, train=False)
+    logits = model.apply({"params": params, "batch_stats": state["batch_stats"]}, batch, train=False)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["label"])
     correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
     return {"loss": (loss * batch["mask"]).sum(), "correct": (correct * batch["mask"]).sum(),
@@ -147,7 +147,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # ==============================================================================================================
   # Data.
   # ==============================================================================================================
-  train_ds, eval_ds = data.build(config.data)
+  train_ds, eval_ds = data.build(config.data, config.model)
   num_classes = len(train_ds.class_names)
   batch_size, accum = int(config.batch_size), int(config.get("grad_accum_steps", 1))
   if batch_size > len(train_ds):
@@ -166,7 +166,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # ==============================================================================================================
   # Model and pretrained weights.
   # ==============================================================================================================
-  model, params, batch_stats, dropout_rng = init_variables(config, num_classes)
+  model, params, batch_stats, dropout_rng = init_variables(config, num_classes, train_ds.train_batch(0, 1, 0))
 
   # ==============================================================================================================
   # Parameter rules and the partitioned optimizer.
@@ -176,9 +176,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   shapes = {p: np.shape(v) for p, v in params.items()}
   log("parameter rules (first match wins):\n" + optim.rules_table(
       config.param_rules, specs, shapes, lr=config.schedule.lr, weight_decay=config.optimizer.weight_decay))
+  bn_note = f"; BatchNorm statistics {'update' if bn_train else 'frozen'}" if rules.flatten(batch_stats) else ""
   log(f"trainable {optim.count(rules.flatten(state['trainable'])):,} / frozen "
-      f"{optim.count(rules.flatten(state['frozen'])):,} parameters; "
-      f"BatchNorm statistics {'update' if bn_train else 'frozen'}")
+      f"{optim.count(rules.flatten(state['frozen'])):,} parameters{bn_note}")
 
   # ==============================================================================================================
   # Devices, sharding and the jitted steps.

@@ -13,17 +13,18 @@ import numpy as np
 
 @dataclasses.dataclass
 class ArrayDataset:
-  """``images`` (N, H, W, C) uint8 and ``labels`` (N,) int32, plus the class names."""
-  images: np.ndarray
+  """Model inputs by name (``image`` (N, H, W, C) uint8; or ``input_ids`` ... (N, L)) and ``labels`` (N,) int32."""
+  inputs: dict[str, np.ndarray]
   labels: np.ndarray
   class_names: list[str]
   name: str
 
   def __post_init__(self):
-    if len(self.images) != len(self.labels):
-      raise ValueError(f"{self.name}: {len(self.images)} images but {len(self.labels)} labels")
-    if len(self.images) == 0:
+    if len(self.labels) == 0:
       raise ValueError(f"{self.name}: the dataset is empty")
+    for key, value in self.inputs.items():
+      if len(value) != len(self.labels):
+        raise ValueError(f"{self.name}: {len(value)} rows of {key!r} but {len(self.labels)} labels")
 
   def __len__(self) -> int:
     return len(self.labels)
@@ -37,7 +38,7 @@ class ArrayDataset:
     for epoch in np.unique(epochs):
       order = np.random.default_rng([seed, int(epoch)]).permutation(n)
       rows[epochs == epoch] = order[positions[epochs == epoch]]
-    return {"image": self.images[rows], "label": self.labels[rows]}
+    return {**{k: v[rows] for k, v in self.inputs.items()}, "label": self.labels[rows]}
 
   def eval_batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
     """Every example exactly once; the last batch is padded and carries ``mask`` 0 on the padding."""
@@ -47,13 +48,23 @@ class ArrayDataset:
       pad = batch_size - len(rows)
       mask = np.concatenate([np.ones(len(rows), np.float32), np.zeros(pad, np.float32)])
       rows = np.concatenate([rows, np.zeros(pad, np.int64)])
-      yield {"image": self.images[rows], "label": self.labels[rows], "mask": mask}
+      yield {**{k: v[rows] for k, v in self.inputs.items()}, "label": self.labels[rows], "mask": mask}
 
 
-def build(cfg) -> tuple[ArrayDataset, ArrayDataset]:
-  """(train, test) datasets for ``config.data``."""
+def build(cfg, model_cfg) -> tuple[ArrayDataset, ArrayDataset]:
+  """(train, eval) datasets for ``config.data``; text is tokenised with ``config.model``'s own tokenizer."""
   if cfg.name == "digits":
     from transfer.data import digits
     return digits.load(resolution=cfg.resolution, per_class=cfg.get("train_per_class"),
                        test_fraction=cfg.test_fraction, split_seed=cfg.split_seed)
-  raise ValueError(f"config.data.name: unknown dataset {cfg.name!r}; available: ['digits']")
+  if cfg.name == "text_files":
+    from transfer import models, pretrained
+    from transfer.data import text_files
+    source = model_cfg.get("architecture") or model_cfg.get("pretrained")
+    if not source:
+      raise ValueError("config.data.name='text_files' needs config.model.pretrained (or .architecture) to find "
+                       "the tokenizer")
+    tok = pretrained.tokenizer(source)
+    tok.check_vocab(models.bert_config(model_cfg).vocab_size, source)
+    return text_files.load(cfg, tok)
+  raise ValueError(f"config.data.name: unknown dataset {cfg.name!r}; available: ['digits', 'text_files']")

@@ -41,5 +41,5 @@ def load(*, resolution: int, per_class: int | None = None, test_fraction: float 
     x_train, y_train = x_train[keep], y_train[keep]
   names = [str(d) for d in range(10)]
   suffix = f"[{per_class}/class]" if per_class else ""
-  return (ArrayDataset(_resize(x_train, resolution), y_train, names, f"digits/train{suffix}"),
-          ArrayDataset(_resize(x_test, resolution), y_test, names, "digits/test"))
+  return (ArrayDataset({"image": _resize(x_train, resolution)}, y_train, names, f"digits/train{suffix}"),
+          ArrayDataset({"image": _resize(x_test, resolution)}, y_test, names, "digits/test"))

@@ -1,25 +1,74 @@
-"""A pretrained backbone with a new linear head: the shape of every transfer model here."""
+"""A pretrained backbone with a new linear head: the shape of every transfer model here.
+
+Classifiers take the batch dict (``image``, or ``input_ids``/``attention_mask``/``token_type_ids``) and pick what
+their backbone needs, so the trainer's steps are the same for every family.
+"""
 from __future__ import annotations
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 
-class ImageClassifier(nn.Module):
-  """``backbone(x, train=...) -> (N, D)`` features, dropout, then a Dense ``head`` (zero-initialised).
+def _head(num_classes: int, zero_init: bool) -> nn.Dense:
+  # A zero head starts every class at equal logits, so fine-tuning begins from the pretrained features instead
+  # of a random projection of them.
+  init = nn.initializers.zeros if zero_init else nn.initializers.lecun_normal()
+  return nn.Dense(num_classes, kernel_init=init, name="head", dtype=jnp.float32)
 
-  A zero head starts every class at equal logits, so fine-tuning begins from the pretrained features instead of
-  a random projection of them. ``bn_train`` decides whether BatchNorm uses batch statistics and updates its
-  running averages; it is separate from ``train`` (dropout) because a frozen backbone keeps BN in inference mode.
+
+class ImageClassifier(nn.Module):
+  """``backbone(images, train=...) -> (N, D)`` features, dropout, then a Dense ``head``.
+
+  Images arrive as uint8 and are normalised here with the backbone's own ``(x - mean) / std`` (pixel units), so
+  the data pipeline does not depend on the model. ``bn_train`` decides whether BatchNorm uses batch statistics and
+  updates its running averages; it is separate from ``train`` (dropout) because a frozen backbone keeps BN in
+  inference mode. ``num_classes=None`` returns the features (a checkpoint without a head).
   """
   backbone: nn.Module
-  num_classes: int
+  num_classes: int | None
   dropout: float = 0.0
+  zero_init_head: bool = True
+  input_mean: float = 127.5
+  input_std: float = 127.5
+
+  @nn.compact
+  def __call__(self, batch, *, train: bool = False, bn_train: bool | None = None):
+    images = (jnp.asarray(batch["image"], jnp.float32) - self.input_mean) / self.input_std
+    features = self.backbone(images, train=train if bn_train is None else bn_train)
+    if self.num_classes is None:
+      return features
+    features = nn.Dropout(self.dropout, deterministic=not train)(features)
+    return _head(self.num_classes, self.zero_init_head)(features)
+
+
+class TextClassifier(nn.Module):
+  """A text encoder ``backbone(ids, mask, types, train=...) -> (hidden (N, L, H), pooled (N, H))`` and a head.
+
+  ``pooling``: 'cls' uses the encoder's pooler (tanh dense on the first token, BERT's classification recipe),
+  'first' the first token's hidden state, 'mean' the mask-weighted mean of the hidden states (sentence-transformers'
+  recipe, what all-MiniLM-L6-v2 was trained for). ``num_classes=None`` returns the pooled features.
+  """
+  backbone: nn.Module
+  num_classes: int | None
+  pooling: str = "cls"
+  dropout: float = 0.1
   zero_init_head: bool = True
 
   @nn.compact
-  def __call__(self, images, *, train: bool = False, bn_train: bool | None = None):
-    features = self.backbone(images, train=train if bn_train is None else bn_train)
+  def __call__(self, batch, *, train: bool = False, bn_train: bool | None = None):
+    del bn_train  # no BatchNorm in text encoders
+    mask = batch["attention_mask"]
+    hidden, pooled = self.backbone(batch["input_ids"], mask, batch.get("token_type_ids"), train=train)
+    if self.pooling == "cls":
+      features = pooled
+    elif self.pooling == "first":
+      features = hidden[:, 0]
+    elif self.pooling == "mean":
+      weights = mask.astype(jnp.float32)[..., None]
+      features = (hidden.astype(jnp.float32) * weights).sum(1) / jnp.maximum(weights.sum(1), 1.0)
+    else:
+      raise ValueError(f"config.model.pooling: {self.pooling!r} is not one of 'cls', 'first', 'mean'")
+    if self.num_classes is None:
+      return features
     features = nn.Dropout(self.dropout, deterministic=not train)(features)
-    init = nn.initializers.zeros if self.zero_init_head else nn.initializers.lecun_normal()
-    return nn.Dense(self.num_classes, kernel_init=init, name="head", dtype=jnp.float32)(features)
+    return _head(self.num_classes, self.zero_init_head)(features)

