@@ -178,11 +178,11 @@ def _jax_case(mode: str, res: int, args) -> dict:
     run = lambda: compiled(variables, batch)
   else:
     # Rules, partitioned optimizer, initial state and step: the trainer's own functions.
-    specs, bn_train, schedule, tx, state = train_lib.init_optimization(
+    specs, backbone_train, schedule, tx, state = train_lib.init_optimization(
         config, model, params, batch_stats, dropout_rng, total_steps=total_steps, steps_per_epoch=1)
     out.update(trainable_params=optim.count(rules.flatten(state["trainable"])),
-               frozen_params=optim.count(rules.flatten(state["frozen"])), bn_train=bn_train)
-    train_step, _ = train_lib.make_steps(model, tx, schedule, num_classes=NUM_CLASSES, bn_train=bn_train)
+               frozen_params=optim.count(rules.flatten(state["frozen"])), backbone_train=backbone_train)
+    train_step, _ = train_lib.make_steps(model, tx, schedule, num_classes=NUM_CLASSES, backbone_train=backbone_train)
     state = jax.device_put(state, replicated)
     t0 = time.perf_counter()
     compiled = jax.jit(train_step, in_shardings=(replicated, sharded), out_shardings=(replicated, replicated),

@@ -56,6 +56,21 @@ def test_minilm_learns_a_synthetic_sentiment_task(tmp_path):
   assert results["eval/accuracy"] >= 0.9, results
 
 
+def test_frozen_encoder_probe_runs_on_cached_features(tmp_path):
+  """configs/minilm_sst2_probe.py's recipe on synthetic files: features extracted once, then only the head."""
+  from configs import minilm_sst2_probe
+  rows = "sentence\tlabel\n" + "".join(f"it was {'great' if i % 2 else 'awful'} number {i}\t{i % 2}\n"
+                                        for i in range(48))
+  f = _write(tmp_path / "d.tsv", rows)
+  config = minilm_sst2_probe.get_config(f"data={tmp_path}")
+  config.data.train_file, config.data.eval_file, config.data.max_length = f, f, 16
+  config.batch_size, config.total_epochs = 16, 20.0
+  results = train.train(config, str(tmp_path / "run"))
+  assert results["feature_cache"] and results["trainable_params"] == 770
+  assert results["frozen_params"] == 22_713_216
+  assert results["eval/accuracy"] >= 0.9, results
+
+
 @pytest.mark.skipif(SST2 is None, reason="../shared/data/sst2 not on this machine (the synthetic test above runs)")
 def test_minilm_sst2_slice_beats_chance(tmp_path):
   """A short version of configs/minilm_sst2.py: 640 training sentences, one pass; dev accuracy above chance."""

@@ -19,7 +19,8 @@ def _leaves(tree):
 
 
 def test_outputs_and_frozen_backbone_stays_bit_identical(tmp_path):
-  config = tiny_config(param_rules=[("head/.*", {}), ("backbone/.*", dict(freeze=True))])
+  # feature_cache off: the frozen backbone runs inside every train step, and must come out unchanged.
+  config = tiny_config(param_rules=[("head/.*", {}), ("backbone/.*", dict(freeze=True))], feature_cache="off")
   results = train.train(config, str(tmp_path))
   # results.json, config.json, metrics.jsonl, TensorBoard events
   assert json.load(open(tmp_path / "results.json")) == pytest.approx(results)
@@ -63,6 +64,28 @@ def test_same_seed_same_metrics_and_grad_accumulation(tmp_path):
   head_c = restore_checkpoint(tmp_path / "c")["trainable"]["head"]["kernel"]
   np.testing.assert_allclose(head_c, head_a, atol=1e-5)
   assert c["eval/accuracy"] == pytest.approx(a["eval/accuracy"], abs=1e-2)
+
+
+def test_feature_cache_matches_full_forward_and_is_reused(tmp_path, capsys):
+  """The head trained on cached features ends where the head trained through the frozen backbone does."""
+  frozen = [("head/.*", {}), ("backbone/.*", dict(freeze=True))]
+  direct = train.train(tiny_config(param_rules=frozen, feature_cache="off"), str(tmp_path / "direct"))
+  cached = train.train(tiny_config(param_rules=frozen), str(tmp_path / "cached"))   # 'auto' -> cached
+  assert not direct["feature_cache"] and cached["feature_cache"]
+  assert cached["frozen_params"] == direct["frozen_params"] and cached["trainable_params"] == 12_810
+  head_d = restore_checkpoint(tmp_path / "direct")["trainable"]["head"]
+  head_c = restore_checkpoint(tmp_path / "cached")["trainable"]["head"]
+  for k in head_d:
+    np.testing.assert_allclose(head_c[k], head_d[k], atol=1e-5, err_msg=k)
+  assert cached["eval/accuracy"] == pytest.approx(direct["eval/accuracy"], abs=1 / 360 + 1e-9)
+  assert len(glob.glob(str(tmp_path / "cached" / "features" / "*.npy"))) == 2
+  capsys.readouterr()
+  config = tiny_config(param_rules=frozen, feature_cache_dir=str(tmp_path / "cached" / "features"))
+  again = train.train(config, str(tmp_path / "again"))      # another workdir, the same shared cache
+  assert capsys.readouterr().out.count("reused from") == 2
+  assert again["eval/accuracy"] == cached["eval/accuracy"]
+  with pytest.raises(ValueError, match="feature_cache='on' needs a fixed backbone"):
+    train.train(tiny_config(feature_cache="on"), str(tmp_path / "bad"))
 
 
 def test_checkpoints_keep_last_and_best_and_resume_after_completion(tmp_path):

@@ -17,7 +17,9 @@ def base() -> ml_collections.ConfigDict:
   c.model.dropout = 0.2                                 # before the head
   c.model.drop_path = 0.0                               # stochastic depth in the backbone
   c.model.bn_momentum = 0.9   # running-average momentum; 0.9 lets short fine-tuning runs' statistics catch up
-  c.model.bn_train = "auto"  # BatchNorm batch statistics: True, False, or 'auto' (= some backbone param trains)
+  # Backbone mode: 'train' (BatchNorm batch statistics and updates, dropout, stochastic depth), 'inference', or
+  # 'auto' (= 'train' if some backbone parameter trains). A frozen backbone in inference mode is a fixed extractor.
+  c.model.backbone_mode = "auto"
   c.model.dtype = "float32"                             # computation dtype: float32 or bfloat16
   c.model.pooling = "cls"    # text: 'cls' (BERT pooler), 'first' (first token) or 'mean' (masked mean)
   c.model.architecture = config_dict.placeholder(str)   # text from scratch: a source whose config.json to use
@@ -62,6 +64,11 @@ def base() -> ml_collections.ConfigDict:
   # The one rule list (first full-path match wins) for lr_mult, wd_mult, freeze and load; see transfer.optim.
   c.param_rules = [(".*", {})]
   c.layer_decay = 0.0              # layer-wise lr decay factor for numbered blocks (0 = off), e.g. 0.8
+
+  # A frozen backbone in inference mode is run once over the data and its features cached (transfer/features.py):
+  # 'on', 'off' or 'auto' (= whenever the backbone is fixed). Cache folder: default WORKDIR/features.
+  c.feature_cache = "auto"
+  c.feature_cache_dir = config_dict.placeholder(str)
 
   c.log_every = 10                 # steps between metrics.jsonl rows
   c.eval_every = 0                 # steps between evaluations (0: only at the end)

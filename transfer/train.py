@@ -20,6 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from transfer import convert, data, models, optim, rules
+from transfer import features as features_lib
 from transfer.checkpoint import Checkpointer
 from transfer.metrics import MetricWriter
 
@@ -65,25 +66,69 @@ def init_variables(config: ml_collections.ConfigDict, num_classes: int, example:
 
 def init_optimization(config: ml_collections.ConfigDict, model, params: dict, batch_stats, rng, *,
                       total_steps: int, steps_per_epoch: int):
-  """(specs, bn_train, schedule, tx, state): what the rules decide, the partitioned optimizer, the initial state."""
+  """(specs, backbone_train, schedule, tx, state): the rules' decisions, the partitioned optimizer, the start."""
   specs = optim.param_specs(config.param_rules, list(params), layer_decay=config.get("layer_decay", 0.0),
                             layer_regexes=models.layer_regexes(model))
   trainable, frozen = optim.split_trainable(params, specs)
   if not trainable:
     raise ValueError("config.param_rules freeze every parameter: nothing to train")
-  bn_train = config.model.get("bn_train", "auto")
-  if bn_train == "auto":  # BatchNorm follows the backbone: frozen backbone -> running averages stay fixed
-    bn_train = any(p.startswith("backbone/") for p in trainable)
+  backbone_train = backbone_trains(config, trainable)
   schedule = optim.make_schedule(config.schedule, total_steps, steps_per_epoch)
   tx = optim.make_optimizer(config.optimizer, specs, schedule, rules.unflatten)
   trainable, frozen = rules.unflatten(trainable), rules.unflatten(frozen)
   state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "frozen": frozen,
            "batch_stats": batch_stats, "opt_state": tx.init(trainable), "rng": rng}
-  return specs, bool(bn_train), schedule, tx, state
+  return specs, bool(backbone_train), schedule, tx, state
+
+
+def backbone_trains(config: ml_collections.ConfigDict, trainable_paths) -> bool:
+  """``config.model.backbone_mode``: 'train', 'inference' or 'auto' (= 'train' if a backbone parameter trains)."""
+  mode = config.model.get("backbone_mode", "auto")
+  if mode not in ("auto", "train", "inference"):
+    raise ValueError(f"config.model.backbone_mode: {mode!r} is not 'auto', 'train' or 'inference'")
+  if mode == "auto":
+    return any(p.startswith("backbone/") for p in trainable_paths)
+  return mode == "train"
+
+
+def use_feature_cache(config: ml_collections.ConfigDict, model, params: dict) -> bool:
+  """``config.feature_cache``: 'on', 'off' or 'auto' (= the backbone is fixed: every backbone parameter frozen and
+  the backbone in inference mode). 'on' with a backbone that is not fixed is an error: the cache would be wrong."""
+  choice = config.get("feature_cache", "auto")
+  if choice not in ("auto", "on", "off"):
+    raise ValueError(f"config.feature_cache: {choice!r} is not 'auto', 'on' or 'off'")
+  specs = optim.param_specs(config.param_rules, list(params), layer_decay=config.get("layer_decay", 0.0),
+                            layer_regexes=models.layer_regexes(model))
+  fixed = not backbone_trains(config, [p for p, s in specs.items() if not s.freeze])
+  if choice == "on" and not fixed:
+    raise ValueError("config.feature_cache='on' needs a fixed backbone: every backbone/ parameter frozen by "
+                     "config.param_rules and config.model.backbone_mode 'auto' or 'inference'")
+  return fixed and choice != "off"
+
+
+def cache_features(config, workdir: str, model, params: dict, batch_stats, train_ds, eval_ds, sharding,
+                   batch_size: int):
+  """Extracts (or reloads) both splits' features; returns the head-only model, params and datasets."""
+  backbone = {p: v for p, v in params.items() if p.startswith("backbone/")}
+  variables = {"params": rules.unflatten(backbone), "batch_stats": batch_stats}
+  feature_model = models.build(config.model, None)   # the classifier without its head: pooled features
+  apply_fn = jax.jit(lambda batch: feature_model.apply(variables, batch, train=False))
+  weights = features_lib.digest(backbone)
+  directory = config.get("feature_cache_dir") or os.path.join(workdir, "features")
+  out = []
+  for split, ds in (("train", train_ds), ("eval", eval_ds)):
+    key = features_lib.cache_key(config.model.to_dict(), config.data.to_dict(), split, weights)
+    feats, hit = features_lib.cached(directory, key, lambda: features_lib.extract(
+        apply_fn, ds, batch_size, sharding, desc=f"features {split}"))
+    log(f"features: {split} {feats.shape} {'reused from' if hit else 'extracted to'} {directory}/{key}.npy")
+    out.append(data.ArrayDataset({"features": feats}, ds.labels, ds.class_names, ds.name))
+  head = models.FeatureClassifier(num_classes=len(train_ds.class_names), dropout=config.model.get("dropout", 0.0))
+  head_params = {p: v for p, v in params.items() if not p.startswith("backbone/")}
+  return head, head_params, {}, out[0], out[1]
 
 
 def make_steps(model, tx: optax.GradientTransformation, schedule: optax.Schedule, *, num_classes: int,
-               bn_train: bool, accum: int = 1, smoothing: float = 0.0):
+               backbone_train: bool, accum: int = 1, smoothing: float = 0.0):
   """(train_step, eval_step): pure functions of (state, batch) for the caller to jit with its shardings.
 
   ``state`` holds ``trainable`` and ``frozen`` params separately: only ``trainable`` is differentiated and frozen
@@ -93,8 +138,8 @@ def make_steps(model, tx: optax.GradientTransformation, schedule: optax.Schedule
   def loss_fn(trainable, frozen, batch_stats, batch, rng):
     params = rules.unflatten({**rules.flatten(trainable), **rules.flatten(jax.lax.stop_gradient(frozen))})
     logits, new_vars = model.apply({"params": params, "batch_stats": batch_stats}, batch, train=True,
-                                   bn_train=bn_train, rngs={"dropout": rng},
-                                   mutable=["batch_stats"] if bn_train else [])
+                                   backbone_train=backbone_train, rngs={"dropout": rng},
+                                   mutable=["batch_stats"] if backbone_train else [])
     targets = optax.smooth_labels(jax.nn.one_hot(batch["label"], num_classes), smoothing)
     loss = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets).mean()
     return loss, new_vars.get("batch_stats", batch_stats)
@@ -169,19 +214,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   model, params, batch_stats, dropout_rng = init_variables(config, num_classes, train_ds.train_batch(0, 1, 0))
 
   # ==============================================================================================================
-  # Parameter rules and the partitioned optimizer.
-  # ==============================================================================================================
-  specs, bn_train, schedule, tx, state = init_optimization(config, model, params, batch_stats, dropout_rng,
-                                                           total_steps=total_steps, steps_per_epoch=steps_per_epoch)
-  shapes = {p: np.shape(v) for p, v in params.items()}
-  log("parameter rules (first match wins):\n" + optim.rules_table(
-      config.param_rules, specs, shapes, lr=config.schedule.lr, weight_decay=config.optimizer.weight_decay))
-  bn_note = f"; BatchNorm statistics {'update' if bn_train else 'frozen'}" if rules.flatten(batch_stats) else ""
-  log(f"trainable {optim.count(rules.flatten(state['trainable'])):,} / frozen "
-      f"{optim.count(rules.flatten(state['frozen'])):,} parameters{bn_note}")
-
-  # ==============================================================================================================
-  # Devices, sharding and the jitted steps.
+  # Devices: the batch is sharded over all of them, everything else replicated.
   # ==============================================================================================================
   mesh = Mesh(np.array(jax.devices()), ("data",))
   replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
@@ -191,7 +224,33 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if size % n_dev:
       raise ValueError(f"config.{field} (per micro-batch {size}) must be divisible by the {n_dev} devices")
 
-  train_step, eval_step = make_steps(model, tx, schedule, num_classes=num_classes, bn_train=bn_train,
+  # ==============================================================================================================
+  # Feature cache: a frozen backbone in inference mode runs once over the data; the head trains on its features.
+  # ==============================================================================================================
+  cached_backbone_params = 0
+  if use_feature_cache(config, model, params):
+    cached_backbone_params = optim.count({p: v for p, v in params.items() if p.startswith("backbone/")})
+    model, params, batch_stats, train_ds, eval_ds = cache_features(
+        config, workdir, model, params, batch_stats, train_ds, eval_ds, sharded, eval_batch_size)
+
+  # ==============================================================================================================
+  # Parameter rules and the partitioned optimizer.
+  # ==============================================================================================================
+  specs, backbone_train, schedule, tx, state = init_optimization(config, model, params, batch_stats, dropout_rng,
+                                                           total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+  shapes = {p: np.shape(v) for p, v in params.items()}
+  log("parameter rules (first match wins):\n" + optim.rules_table(
+      config.param_rules, specs, shapes, lr=config.schedule.lr, weight_decay=config.optimizer.weight_decay))
+  mode_note = f"; backbone in {'training' if backbone_train else 'inference'} mode"
+  if cached_backbone_params:
+    mode_note = f" + {cached_backbone_params:,} frozen in the backbone, whose features are cached"
+  log(f"trainable {optim.count(rules.flatten(state['trainable'])):,} / frozen "
+      f"{optim.count(rules.flatten(state['frozen'])):,} parameters{mode_note}")
+
+  # ==============================================================================================================
+  # The jitted steps.
+  # ==============================================================================================================
+  train_step, eval_step = make_steps(model, tx, schedule, num_classes=num_classes, backbone_train=backbone_train,
                                      accum=accum, smoothing=float(config.get("label_smoothing", 0.0)))
   p_train_step = jax.jit(train_step, in_shardings=(replicated, sharded), out_shardings=(replicated, replicated),
                          donate_argnums=0)
@@ -279,7 +338,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       "compile_seconds": compile_seconds,
       "train_examples_per_sec": timed_examples / timed_seconds if timed_seconds else None,
       "trainable_params": optim.count(rules.flatten(state["trainable"])),
-      "frozen_params": optim.count(rules.flatten(state["frozen"])),
+      "frozen_params": optim.count(rules.flatten(state["frozen"])) + cached_backbone_params,
+      "feature_cache": bool(cached_backbone_params),
       "devices": n_dev,
   }
   with open(os.path.join(workdir, "results.json"), "w") as f:

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from transfer.models import efficientnet_lite
-from transfer.models.classifier import ImageClassifier, TextClassifier
+from transfer.models.classifier import FeatureClassifier, ImageClassifier, TextClassifier
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 NAMES = sorted(efficientnet_lite.VARIANTS) + ["bert"]
@@ -59,6 +59,8 @@ def example_batch(name: str) -> dict:
 
 def layer_regexes(model) -> list[tuple[str, object]]:
   """Depth of each backbone parameter for layer-wise learning-rate decay (the head is deepest, undecayed)."""
+  if isinstance(model, FeatureClassifier):
+    return []
   if isinstance(model, TextClassifier):
     n = model.backbone.config.num_hidden_layers
     return [(r"backbone/embeddings/.*", 0), (r"backbone/layer_(\d+)/.*", "group+1"), (r"backbone/pooler/.*", n + 1)]

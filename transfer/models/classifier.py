@@ -20,9 +20,9 @@ class ImageClassifier(nn.Module):
   """``backbone(images, train=...) -> (N, D)`` features, dropout, then a Dense ``head``.
 
   Images arrive as uint8 and are normalised here with the backbone's own ``(x - mean) / std`` (pixel units), so
-  the data pipeline does not depend on the model. ``bn_train`` decides whether BatchNorm uses batch statistics and
-  updates its running averages; it is separate from ``train`` (dropout) because a frozen backbone keeps BN in
-  inference mode. ``num_classes=None`` returns the features (a checkpoint without a head).
+  the data pipeline does not depend on the model. ``backbone_train`` runs the backbone in training mode (BatchNorm
+  batch statistics and running-average updates, stochastic depth); it is separate from ``train`` (the head's
+  dropout) because a frozen backbone stays in inference mode: a fixed, cacheable feature extractor. ``num_classes=None`` returns the features (a checkpoint without a head).
   """
   backbone: nn.Module
   num_classes: int | None
@@ -32,9 +32,9 @@ class ImageClassifier(nn.Module):
   input_std: float = 127.5
 
   @nn.compact
-  def __call__(self, batch, *, train: bool = False, bn_train: bool | None = None):
+  def __call__(self, batch, *, train: bool = False, backbone_train: bool | None = None):
     images = (jnp.asarray(batch["image"], jnp.float32) - self.input_mean) / self.input_std
-    features = self.backbone(images, train=train if bn_train is None else bn_train)
+    features = self.backbone(images, train=train if backbone_train is None else backbone_train)
     if self.num_classes is None:
       return features
     features = nn.Dropout(self.dropout, deterministic=not train)(features)
@@ -55,10 +55,11 @@ class TextClassifier(nn.Module):
   zero_init_head: bool = True
 
   @nn.compact
-  def __call__(self, batch, *, train: bool = False, bn_train: bool | None = None):
-    del bn_train  # no BatchNorm in text encoders
+  def __call__(self, batch, *, train: bool = False, backbone_train: bool | None = None):
+    """``backbone_train`` (default ``train``) switches the encoder's dropout, as for ImageClassifier."""
     mask = batch["attention_mask"]
-    hidden, pooled = self.backbone(batch["input_ids"], mask, batch.get("token_type_ids"), train=train)
+    hidden, pooled = self.backbone(batch["input_ids"], mask, batch.get("token_type_ids"),
+                                   train=train if backbone_train is None else backbone_train)
     if self.pooling == "cls":
       features = pooled
     elif self.pooling == "first":
@@ -71,4 +72,19 @@ class TextClassifier(nn.Module):
     if self.num_classes is None:
       return features
     features = nn.Dropout(self.dropout, deterministic=not train)(features)
+    return _head(self.num_classes, self.zero_init_head)(features)
+
+
+class FeatureClassifier(nn.Module):
+  """The head alone, on precomputed backbone features (``batch['features']``): the cached-feature probe.
+
+  Same ``head`` (and dropout) as the full classifiers, so its parameters, rules and checkpoints line up with theirs.
+  """
+  num_classes: int
+  dropout: float = 0.0
+  zero_init_head: bool = True
+
+  @nn.compact
+  def __call__(self, batch, *, train: bool = False, backbone_train: bool | None = None):
+    features = nn.Dropout(self.dropout, deterministic=not train)(jnp.asarray(batch["features"], jnp.float32))
     return _head(self.num_classes, self.zero_init_head)(features)

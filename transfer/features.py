@@ -1,0 +1,61 @@
+"""Feature extraction done once: a frozen backbone's features over a dataset, cached on disk.
+
+When every backbone parameter is frozen and the backbone runs in inference mode, it is a fixed function of the
+input, so running it every epoch is wasted work. The trainer then extracts the features of each split once (one
+forward pass), stores them under a key made of everything that determines them (model and data config, split and
+a digest of the backbone's weights), and trains the head alone on them. A second run with the same key reuses them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Callable
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from transfer.data import ArrayDataset
+
+
+def digest(flat: dict[str, np.ndarray]) -> str:
+  """sha1 over names, shapes, dtypes and bytes: a different checkpoint gives a different cache key."""
+  h = hashlib.sha1()
+  for name in sorted(flat):
+    value = np.ascontiguousarray(flat[name])
+    h.update(f"{name}:{value.shape}:{value.dtype}".encode())
+    h.update(value.tobytes())
+  return h.hexdigest()
+
+
+def cache_key(*parts) -> str:
+  return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def extract(apply_fn: Callable, dataset: ArrayDataset, batch_size: int, sharding, desc: str) -> np.ndarray:
+  """``apply_fn(batch) -> (B, D)`` over every example once (padded last batch), as float32 (N, D)."""
+  out = []
+  n_batches = -(-len(dataset) // batch_size)
+  for batch in tqdm(dataset.eval_batches(batch_size), total=n_batches, desc=desc, dynamic_ncols=True,
+                    disable=None):
+    mask = batch.pop("mask")
+    batch.pop("label")
+    feats = np.asarray(jax.device_get(apply_fn(jax.device_put(batch, sharding))), np.float32)
+    out.append(feats[mask > 0])
+  return np.concatenate(out)
+
+
+def cached(directory: str, key: str, compute: Callable[[], np.ndarray]) -> tuple[np.ndarray, bool]:
+  """(features, whether they came from the cache); written to a temporary file and renamed, so a killed run
+  never leaves a partial cache entry behind."""
+  path = os.path.join(directory, f"{key}.npy")
+  if os.path.exists(path):
+    return np.load(path), True
+  os.makedirs(directory, exist_ok=True)
+  features = compute()
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "wb") as f:
+    np.save(f, features)
+  os.replace(tmp, path)
+  return features, False
