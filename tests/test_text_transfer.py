@@ -150,3 +150,15 @@ def test_tokenizer_vocabulary_must_fit_the_checkpoint(tmp_path):
   with pytest.raises(ValueError, match=r"30522 tokens but the model's embedding table has only 1000 rows"):
     tok.check_vocab(1000, "x")
   assert isinstance(real, bert.BertConfig)
+
+
+def test_trainer_reads_a_tfds_task_by_name(tmp_path):
+  """config.data.name='tfds_text' goes through tfds.data_source; offline, on TFDS's mock data."""
+  import tensorflow_datasets as tfds
+  config = _text_config(None, None, max_length=16)
+  config.data.name, config.data.tfds_name = "tfds_text", "glue/sst2"
+  config.total_steps, config.eval_batch_size = 3, 16
+  with tfds.testing.mock_data(num_examples=32, policy=tfds.testing.MockPolicy.USE_CODE):
+    results = train.train(config, str(tmp_path))
+  assert results["step"] == 3 and 0.0 <= results["eval/accuracy"] <= 1.0
+  assert json.load(open(tmp_path / "config.json"))["data"]["tfds_name"] == "glue/sst2"

@@ -39,6 +39,12 @@ def base() -> ml_collections.ConfigDict:
   c.data.labels = config_dict.placeholder(list)         # class names in order; default: sorted distinct labels
   c.data.max_length = 64                                # tokens per example (longer texts are truncated)
   c.data.train_examples = config_dict.placeholder(int)  # a fixed random subset of the training file
+  # name='tfds_text': a TFDS text task by name (transfer/data/tfds_text.py TASKS), read through tfds.data_source
+  c.data.tfds_name = config_dict.placeholder(str)       # e.g. 'glue/sst2', 'imdb_reviews', 'ag_news_subset'
+  c.data.data_dir = config_dict.placeholder(str)        # TFDS data_dir holding the prepared (array_record) data
+  c.data.download = False                               # True only with network; offline it fails at once
+  c.data.train_split = config_dict.placeholder(str)     # override the task's splits (e.g. validation_mismatched)
+  c.data.eval_split = config_dict.placeholder(str)
 
   c.batch_size = 32                # examples per optimizer step (all devices together)
   c.grad_accum_steps = 1           # split each batch into this many sequential micro-batches

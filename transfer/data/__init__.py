@@ -57,14 +57,15 @@ def build(cfg, model_cfg) -> tuple[ArrayDataset, ArrayDataset]:
     from transfer.data import digits
     return digits.load(resolution=cfg.resolution, per_class=cfg.get("train_per_class"),
                        test_fraction=cfg.test_fraction, split_seed=cfg.split_seed)
-  if cfg.name == "text_files":
+  if cfg.name in ("text_files", "tfds_text"):
     from transfer import models, pretrained
-    from transfer.data import text_files
+    from transfer.data import text_files, tfds_text
     source = model_cfg.get("architecture") or model_cfg.get("pretrained")
     if not source:
-      raise ValueError("config.data.name='text_files' needs config.model.pretrained (or .architecture) to find "
+      raise ValueError(f"config.data.name={cfg.name!r} needs config.model.pretrained (or .architecture) to find "
                        "the tokenizer")
     tok = pretrained.tokenizer(source)
     tok.check_vocab(models.bert_config(model_cfg).vocab_size, source)
-    return text_files.load(cfg, tok)
-  raise ValueError(f"config.data.name: unknown dataset {cfg.name!r}; available: ['digits', 'text_files']")
+    return (text_files if cfg.name == "text_files" else tfds_text).load(cfg, tok)
+  raise ValueError(f"config.data.name: unknown dataset {cfg.name!r}; available: ['digits', 'text_files', "
+                   f"'tfds_text']")
