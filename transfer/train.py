@@ -91,14 +91,12 @@ def backbone_trains(config: ml_collections.ConfigDict, trainable_paths) -> bool:
   return mode == "train"
 
 
-def use_feature_cache(config: ml_collections.ConfigDict, model, params: dict) -> bool:
+def use_feature_cache(config: ml_collections.ConfigDict, specs: dict) -> bool:
   """``config.feature_cache``: 'on', 'off' or 'auto' (= the backbone is fixed: every backbone parameter frozen and
   the backbone in inference mode). 'on' with a backbone that is not fixed is an error: the cache would be wrong."""
   choice = config.get("feature_cache", "auto")
   if choice not in ("auto", "on", "off"):
     raise ValueError(f"config.feature_cache: {choice!r} is not 'auto', 'on' or 'off'")
-  specs = optim.param_specs(config.param_rules, list(params), layer_decay=config.get("layer_decay", 0.0),
-                            layer_regexes=models.layer_regexes(model))
   fixed = not backbone_trains(config, [p for p, s in specs.items() if not s.freeze])
   if choice == "on" and not fixed:
     raise ValueError("config.feature_cache='on' needs a fixed backbone: every backbone/ parameter frozen by "
@@ -225,22 +223,28 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       raise ValueError(f"config.{field} (per micro-batch {size}) must be divisible by the {n_dev} devices")
 
   # ==============================================================================================================
+  # Parameter rules: each parameter's lr, wd, freezing and loading (transfer.optim.param_specs), shown as a table.
+  # ==============================================================================================================
+  specs = optim.param_specs(config.param_rules, list(params), layer_decay=config.get("layer_decay", 0.0),
+                            layer_regexes=models.layer_regexes(model))
+  log("parameter rules (first match wins):\n" + optim.rules_table(
+      config.param_rules, specs, {p: np.shape(v) for p, v in params.items()}, lr=config.schedule.lr,
+      weight_decay=config.optimizer.weight_decay))
+
+  # ==============================================================================================================
   # Feature cache: a frozen backbone in inference mode runs once over the data; the head trains on its features.
   # ==============================================================================================================
   cached_backbone_params = 0
-  if use_feature_cache(config, model, params):
+  if use_feature_cache(config, specs):
     cached_backbone_params = optim.count({p: v for p, v in params.items() if p.startswith("backbone/")})
     model, params, batch_stats, train_ds, eval_ds = cache_features(
         config, workdir, model, params, batch_stats, train_ds, eval_ds, sharded, eval_batch_size)
 
   # ==============================================================================================================
-  # Parameter rules and the partitioned optimizer.
+  # The partitioned optimizer and the initial train state.
   # ==============================================================================================================
   specs, backbone_train, schedule, tx, state = init_optimization(config, model, params, batch_stats, dropout_rng,
                                                            total_steps=total_steps, steps_per_epoch=steps_per_epoch)
-  shapes = {p: np.shape(v) for p, v in params.items()}
-  log("parameter rules (first match wins):\n" + optim.rules_table(
-      config.param_rules, specs, shapes, lr=config.schedule.lr, weight_decay=config.optimizer.weight_decay))
   mode_note = f"; backbone in {'training' if backbone_train else 'inference'} mode"
   if cached_backbone_params:
     mode_note = f" + {cached_backbone_params:,} frozen in the backbone, whose features are cached"
