@@ -96,3 +96,15 @@ def test_steps_or_epochs_not_both():
   cfg = ml_collections.ConfigDict(dict(total_steps=10, total_epochs=1.0))
   with pytest.raises(ValueError, match="only one of total_steps and total_epochs"):
     optim.steps_of(cfg, "total", 5)
+
+
+def test_rules_table_reports_what_each_rule_took():
+  rules_list = [("head/.*", dict(load=False)), ("backbone/block_.*", dict(lr_mult=0.1)),
+                ("backbone/.*", dict(freeze=True)), ("unused/.*", {})]
+  shapes = {p: (2, 3) for p in PATHS}
+  specs = optim.param_specs(rules_list, PATHS)
+  lines = optim.rules_table(rules_list, specs, shapes, lr=0.01, weight_decay=0.1).splitlines()
+  assert lines[2].split() == ["0", "head/.*", "2", "12", "0.01", "0.1", "False", "False"]
+  assert lines[3].split() == ["1", "backbone/block_.*", "2", "12", "0.001", "0.1", "False", "True"]
+  assert lines[4].split() == ["2", "backbone/.*", "2", "12", "-", "-", "True", "True"]   # frozen: no lr, no wd
+  assert lines[5].split() == ["3", "unused/.*", "0", "0", "-", "-", "-", "-"]

@@ -165,9 +165,10 @@ def rules_table(param_rules, specs: Mapping[str, ParamSpec], shapes: Mapping[str
   for i, (regex, _) in enumerate(param_rules):
     taken = [p for p, s in specs.items() if s.rule == i]
     n = sum(int(np.prod(shapes[p])) for p in taken)
-    lrs = sorted({lr * specs[p].lr_mult for p in taken})
+    trained = [p for p in taken if not specs[p].freeze]   # frozen parameters have no lr or wd
+    lrs = sorted({lr * specs[p].lr_mult for p in trained})
     lr_txt = "-" if not lrs else (f"{lrs[0]:.3g}" if len(lrs) == 1 else f"{lrs[0]:.3g}..{lrs[-1]:.3g}")
-    wds = sorted({weight_decay * specs[p].wd_mult for p in taken})
+    wds = sorted({weight_decay * specs[p].wd_mult for p in trained})
     wd_txt = "-" if not wds else ",".join(f"{w:.3g}" for w in wds)
     frozen = {specs[p].freeze for p in taken}
     load = {specs[p].load for p in taken}
