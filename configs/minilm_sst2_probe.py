@@ -7,8 +7,8 @@ once over the training and dev sentences (one forward pass each), caches the mea
 ``WORKDIR/features`` (reused by later runs with the same model and data), and trains only the linear head on them:
 the wall time is about one forward pass over the data, not epochs of it.
 
-Expected: 4,000 training sentences (--config.data.train_examples=4000) -> 0.797 dev in ~100 s on 2 cores, nearly all
-of it the forward pass. The full data (target >= 0.80 dev) is not measured yet.
+Expected (2 cores): all 67,349 training sentences -> 0.806 dev accuracy in ~19 min, nearly all of it the one forward
+pass; 4,000 sentences (--config.data.train_examples=4000) -> 0.797 in ~100 s.
 """
 import ml_collections
 
