@@ -45,3 +45,19 @@ def run_cli(args, env_extra=None, timeout=600):
 @pytest.fixture
 def tiny():
   return tiny_config
+
+
+def pytest_sessionfinish(session, exitstatus):
+  """In CI (CI=true) a skipped test is a failure: every optional reference (torch, transformers, the weights
+  packages) is installed by `make test`, so a skip there means a test silently stopped running. The one allowed
+  skip is the real-SST-2 slice when ../shared/data is absent (a synthetic test of the same path always runs)."""
+  if os.environ.get("CI") != "true":
+    return
+  reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+  skipped = [r for r in (reporter.stats.get("skipped", []) if reporter else [])
+             if "../shared/data" not in str(r.longrepr)]
+  if skipped:
+    print(f"\nCI: {len(skipped)} test(s) skipped; in CI every test must run:")
+    for r in skipped:
+      print(f"  {r.nodeid}: {r.longrepr}")
+    session.exitstatus = 1
