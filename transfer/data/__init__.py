@@ -11,13 +11,22 @@ from typing import Iterator
 import numpy as np
 
 
+TOKEN_INPUTS = ("input_ids", "token_type_ids", "attention_mask")
+
+
 @dataclasses.dataclass
 class ArrayDataset:
-  """Model inputs by name (``image`` (N, H, W, C) uint8; or ``input_ids`` ... (N, L)) and ``labels`` (N,) int32."""
+  """Model inputs by name (``image`` (N, H, W, C) uint8; or ``input_ids`` ... (N, L)) and ``labels``: (N,) int32
+  class ids, or for a regression task (``class_names`` empty) (N,) float32 scores.
+
+  ``pad_to_multiple_of`` (token inputs only; 0 = off): each batch is cut to its longest row's length rounded up to
+  this multiple. Short texts then cost short compute; every distinct length compiles the step once.
+  """
   inputs: dict[str, np.ndarray]
   labels: np.ndarray
   class_names: list[str]
   name: str
+  pad_to_multiple_of: int = 0
 
   def __post_init__(self):
     if len(self.labels) == 0:
@@ -29,6 +38,15 @@ class ArrayDataset:
   def __len__(self) -> int:
     return len(self.labels)
 
+  @property
+  def regression(self) -> bool:
+    return not self.class_names
+
+  @property
+  def num_outputs(self) -> int:
+    """Width of the head: one logit per class, or one score."""
+    return len(self.class_names) or 1
+
   def train_batch(self, step: int, batch_size: int, seed: int) -> dict[str, np.ndarray]:
     """Batch ``step`` of an endless stream of epochs, each a fresh permutation drawn from (seed, epoch)."""
     n = len(self)
@@ -38,7 +56,7 @@ class ArrayDataset:
     for epoch in np.unique(epochs):
       order = np.random.default_rng([seed, int(epoch)]).permutation(n)
       rows[epochs == epoch] = order[positions[epochs == epoch]]
-    return {**{k: v[rows] for k, v in self.inputs.items()}, "label": self.labels[rows]}
+    return self._trim({**{k: v[rows] for k, v in self.inputs.items()}, "label": self.labels[rows]})
 
   def eval_batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
     """Every example exactly once; the last batch is padded and carries ``mask`` 0 on the padding."""
@@ -48,7 +66,16 @@ class ArrayDataset:
       pad = batch_size - len(rows)
       mask = np.concatenate([np.ones(len(rows), np.float32), np.zeros(pad, np.float32)])
       rows = np.concatenate([rows, np.zeros(pad, np.int64)])
-      yield {**{k: v[rows] for k, v in self.inputs.items()}, "label": self.labels[rows], "mask": mask}
+      yield self._trim({**{k: v[rows] for k, v in self.inputs.items()}, "label": self.labels[rows], "mask": mask})
+
+  def _trim(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Drops the all-padding tail columns of token inputs (see ``pad_to_multiple_of``)."""
+    if not self.pad_to_multiple_of or "attention_mask" not in batch:
+      return batch
+    full = batch["attention_mask"].shape[1]
+    longest = int(batch["attention_mask"].sum(1).max())
+    keep = min(full, -(-max(longest, 1) // self.pad_to_multiple_of) * self.pad_to_multiple_of)
+    return {k: (v[:, :keep] if k in TOKEN_INPUTS else v) for k, v in batch.items()}
 
 
 def build(cfg, model_cfg) -> tuple[ArrayDataset, ArrayDataset]:
@@ -66,6 +93,12 @@ def build(cfg, model_cfg) -> tuple[ArrayDataset, ArrayDataset]:
                        "the tokenizer")
     tok = pretrained.tokenizer(source)
     tok.check_vocab(models.bert_config(model_cfg).vocab_size, source)
-    return (text_files if cfg.name == "text_files" else tfds_text).load(cfg, tok)
+    splits = (text_files if cfg.name == "text_files" else tfds_text).load(cfg, tok)
+    multiple = cfg.get("pad_to_multiple_of", 0)
+    if multiple < 0:
+      raise ValueError(f"config.data.pad_to_multiple_of must be >= 0 (0: every batch at max_length), got {multiple}")
+    for split in splits:
+      split.pad_to_multiple_of = multiple
+    return splits
   raise ValueError(f"config.data.name: unknown dataset {cfg.name!r}; available: ['digits', 'text_files', "
                    f"'tfds_text']")

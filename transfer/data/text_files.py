@@ -1,4 +1,4 @@
-"""Sentence (or sentence-pair) classification from local TSV, CSV or JSONL files with named columns."""
+"""Sentence (or sentence-pair) classification or regression from local TSV, CSV or JSONL files with named columns."""
 from __future__ import annotations
 
 import csv
@@ -57,11 +57,26 @@ def _label_names(values: list[str]) -> list[str]:
   return sorted(distinct)
 
 
+def _score(value: str, where: str) -> float:
+  try:
+    score = float(value)
+  except ValueError:
+    score = float("nan")
+  if not np.isfinite(score):
+    raise ValueError(f"{where}: label {value!r} is not a finite number (config.data.task='regression')")
+  return score
+
+
 def load(cfg, tokenizer) -> tuple[ArrayDataset, ArrayDataset]:
   """(train, eval) for ``config.data`` of kind ``text_files``; texts tokenised to ``cfg.max_length``."""
   fields = [cfg.text_field] + ([cfg.pair_field] if cfg.get("pair_field") else []) + [cfg.label_field]
   splits = {"train": read_rows(cfg.train_file, fields), "eval": read_rows(cfg.eval_file, fields)}
-  names = list(cfg.labels) if cfg.get("labels") else _label_names([r[-1] for _, r in splits["train"]])
+  task = cfg.get("task", "auto")
+  if task not in ("auto", "classification", "regression"):
+    raise ValueError(f"config.data.task: {task!r} is not one of 'auto', 'classification', 'regression'")
+  regression = task == "regression"
+  names = [] if regression else (list(cfg.labels) if cfg.get("labels") else
+                                 _label_names([r[-1] for _, r in splits["train"]]))
   ids = {name: i for i, name in enumerate(names)}
   out = []
   for split, path in (("train", cfg.train_file), ("eval", cfg.eval_file)):
@@ -69,16 +84,21 @@ def load(cfg, tokenizer) -> tuple[ArrayDataset, ArrayDataset]:
     if split == "train" and cfg.get("train_examples"):  # a fixed random subset, for short runs
       keep = np.sort(np.random.default_rng(cfg.get("split_seed", 0)).permutation(len(rows))[:cfg.train_examples])
       rows = [rows[i] for i in keep]
-    for line_no, r in rows:
-      if r[-1] not in ids:
-        raise ValueError(f"{path}:{line_no}: label {r[-1]!r} is not one of the classes {names}")
+    if not rows:
+      raise ValueError(f"{path}: no {split} examples (the file has a header but no rows)")
+    if regression:
+      labels = np.array([_score(r[-1], f"{path}:{line_no}") for line_no, r in rows], np.float32)
+    else:
+      for line_no, r in rows:
+        if r[-1] not in ids:
+          raise ValueError(f"{path}:{line_no}: label {r[-1]!r} is not one of the classes {names}")
+      labels = np.array([ids[r[-1]] for _, r in rows], np.int32)
     texts = [r[0] for _, r in rows]
     pairs = [r[1] for _, r in rows] if cfg.get("pair_field") else None
     enc = tokenizer.encode(texts, pairs, max_length=cfg.max_length, pad_to=cfg.max_length)
     if enc.num_truncated:
       print(f"data: {path}: {enc.num_truncated} of {len(rows)} rows truncated to {cfg.max_length} tokens",
             flush=True)
-    labels = np.array([ids[r[-1]] for _, r in rows], np.int32)
     inputs = {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask,
               "token_type_ids": enc.token_type_ids}
     out.append(ArrayDataset(inputs, labels, names, f"{os.path.basename(os.path.dirname(path))}/{split}"))

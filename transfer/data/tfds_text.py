@@ -45,9 +45,6 @@ _PREPARE = ("Prepare it on a machine with network access: python -c \"import ten
 def task(name: str) -> Task:
   if name not in TASKS:
     raise ValueError(f"unknown TFDS text task {name!r}; supported: {sorted(TASKS)}")
-  if TASKS[name].regression:
-    raise NotImplementedError(f"{name} is a regression task (a float score per pair); regression heads come "
-                              "later, only classification tasks are supported for now")
   return TASKS[name]
 
 
@@ -101,7 +98,8 @@ def _read(source, rows: np.ndarray, chunk: int = 4096) -> list[dict]:
 
 def read_split(name: str, split: str, data_dir=None, download: bool = False, *, examples: int | None = None,
                seed: int = 0) -> tuple[list[str], list[str] | None, np.ndarray, list[str]]:
-  """``(texts, pairs or None, int32 labels, class names)``; ``examples``: a fixed random subset, read alone."""
+  """``(texts, pairs or None, labels, class names)``: int32 class ids, or for a regression task float32 scores and
+  no class names. ``examples``: a fixed random subset, read alone."""
   t = task(name)
   source = _open(name, split, data_dir, download)
   rows = np.arange(len(source))
@@ -110,6 +108,8 @@ def read_split(name: str, split: str, data_dir=None, download: bool = False, *, 
   records = _read(source, rows)
   texts = [_text(r[t.fields[0]]) for r in records]
   pairs = [_text(r[t.fields[1]]) for r in records] if len(t.fields) > 1 else None
+  if t.regression:
+    return texts, pairs, np.array([float(r[t.label]) for r in records], np.float32), []
   labels = np.array([int(r[t.label]) for r in records], np.int32)
   class_names = list(source.dataset_info.features[t.label].names)
   bad = (labels < 0) | (labels >= len(class_names))
@@ -121,6 +121,10 @@ def read_split(name: str, split: str, data_dir=None, download: bool = False, *, 
 def load(cfg, tokenizer) -> tuple[ArrayDataset, ArrayDataset]:
   """(train, eval) for ``config.data.tfds_name``, tokenised to ``cfg.max_length`` as ``text_files.load`` does."""
   name, t = cfg.tfds_name, task(cfg.tfds_name)
+  wanted = cfg.get("task", "auto")
+  if wanted != "auto" and wanted != ("regression" if t.regression else "classification"):
+    raise ValueError(f"config.data.task={wanted!r}, but {name} is a "
+                     f"{'regression' if t.regression else 'classification'} task (leave it at 'auto')")
   out = []
   for role, split in (("train", cfg.get("train_split") or t.train), ("eval", cfg.get("eval_split") or t.eval)):
     texts, pairs, labels, class_names = read_split(
