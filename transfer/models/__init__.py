@@ -4,16 +4,30 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from transfer.models import efficientnet_lite
+from transfer.models import efficientnet_lite, resnet, resnetv2, vit
 from transfer.models.classifier import FeatureClassifier, ImageClassifier, TextClassifier
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-NAMES = sorted(efficientnet_lite.VARIANTS) + ["bert"]
+IMAGE_FAMILIES = {"efficientnet_lite": efficientnet_lite.VARIANTS, "resnet": resnet.VARIANTS,
+                  "bit": resnetv2.VARIANTS, "vit": vit.VARIANTS}
+NAMES = sorted(name for variants in IMAGE_FAMILIES.values() for name in variants) + ["bert"]
+
+# Per image family, the ``(mean, std)`` in pixel units its checkpoints' inputs were normalised with: scalars, or
+# one value per RGB channel. ImageClassifier applies it, so every family takes the same uint8 images.
+INPUT_NORMALIZATION = {
+    "efficientnet_lite": (127.5, 127.5),   # [-1, 1], as the TF "lite" models were trained
+    # torchvision's and timm's ResNets: ImageNet's channel mean and std (0.485, 0.456, 0.406), (0.229, 0.224,
+    # 0.225), times 255.
+    "resnet": ((123.675, 116.28, 103.53), (58.395, 57.12, 57.375)),
+    "bit": (127.5, 127.5),   # [-1, 1], as BiT was trained (timm's resnetv2_*_bit: mean = std = 0.5)
+    "vit": (127.5, 127.5),   # [-1, 1], as Google's ViTs were trained (timm's augreg weights: mean = std = 0.5)
+}
 
 
 def family(name: str) -> str:
-  if name in efficientnet_lite.VARIANTS:
-    return "efficientnet_lite"
+  for fam, variants in IMAGE_FAMILIES.items():
+    if name in variants:
+      return fam
   if name == "bert":
     return "bert"
   raise ValueError(f"config.model.name: unknown model {name!r}; available: {NAMES}")
@@ -42,11 +56,33 @@ def build(cfg, num_classes: int | None):
     from transfer.models import bert
     return TextClassifier(backbone=bert.BertEncoder(bert_config(cfg), dtype=dtype), num_classes=num_classes,
                           pooling=cfg.get("pooling", "cls"), dropout=cfg.get("dropout", 0.1))
-  variant = efficientnet_lite.VARIANTS[cfg.name]
-  backbone = efficientnet_lite.EfficientNetLite(
-      width=cfg.get("width") or variant["width"], depth=cfg.get("depth") or variant["depth"],
-      drop_path=cfg.get("drop_path", 0.0), bn_momentum=cfg.get("bn_momentum", 0.99), dtype=dtype)
-  return ImageClassifier(backbone=backbone, num_classes=num_classes, dropout=cfg.get("dropout", 0.0))
+  mean, std = INPUT_NORMALIZATION[fam]
+  return ImageClassifier(backbone=_image_backbone(fam, cfg, dtype), num_classes=num_classes,
+                         dropout=cfg.get("dropout", 0.0), input_mean=mean, input_std=std)
+
+
+def _image_backbone(fam: str, cfg, dtype):
+  variant = IMAGE_FAMILIES[fam][cfg.name]
+  if fam == "efficientnet_lite":
+    return efficientnet_lite.EfficientNetLite(
+        width=cfg.get("width") or variant["width"], depth=cfg.get("depth") or variant["depth"],
+        drop_path=cfg.get("drop_path", 0.0), bn_momentum=cfg.get("bn_momentum", 0.99), dtype=dtype)
+  if fam == "vit" and cfg.get("width"):
+    raise ValueError(f"config.model.width={cfg.width}: a ViT's width comes from its name ({cfg.name}); "
+                     f"'vit-test8' is the small test size")
+  if cfg.get("depth"):
+    raise ValueError(f"config.model.depth={cfg.depth}: only EfficientNet-Lite takes a depth multiplier; "
+                     f"{cfg.name}'s depth comes from its name")
+  if fam == "resnet":
+    return resnet.ResNet(**variant, width=cfg.get("width") or 1.0, drop_path=cfg.get("drop_path", 0.0),
+                         bn_momentum=cfg.get("bn_momentum", 0.9), dtype=dtype)
+  if fam == "bit":
+    return resnetv2.ResNetV2(variant["depths"], width=cfg.get("width") or variant["width"],
+                             drop_path=cfg.get("drop_path", 0.0), dtype=dtype)
+  if fam == "vit":
+    return vit.from_variant(cfg.name, pooling=cfg.get("pooling", "cls"), drop_path=cfg.get("drop_path", 0.0),
+                            dtype=dtype)
+  raise AssertionError(fam)
 
 
 def example_batch(name: str) -> dict:
@@ -64,5 +100,13 @@ def layer_regexes(model) -> list[tuple[str, object]]:
   if isinstance(model, TextClassifier):
     n = model.backbone.config.num_hidden_layers
     return [(r"backbone/embeddings/.*", 0), (r"backbone/layer_(\d+)/.*", "group+1"), (r"backbone/pooler/.*", n + 1)]
+  if isinstance(model.backbone, vit.ViT):
+    n = model.backbone.depth
+    return [(r"backbone/(patch_embed/.*|cls|pos_embedding)", 0), (r"backbone/block_(\d+)/.*", "group+1"),
+            (r"backbone/encoder_norm/.*", n + 1)]
+  if isinstance(model.backbone, resnet.ResNet):   # stage-wise: stem 0, stage s (1..4) at depth s
+    return [(r"backbone/stem_.*", 0), (r"backbone/stage(\d)_block\d+/.*", "group+0")]
+  if isinstance(model.backbone, resnetv2.ResNetV2):   # stage-wise, then the final GroupNorm
+    return [(r"backbone/stem_.*", 0), (r"backbone/stage(\d)_unit\d+/.*", "group+0"), (r"backbone/norm/.*", 5)]
   n = len(efficientnet_lite.block_specs(model.backbone.width, model.backbone.depth))
   return [(r"backbone/stem_.*", 0), (r"backbone/block_(\d+)/.*", "group+1"), (r"backbone/top_.*", n + 1)]

@@ -19,21 +19,24 @@ def _head(num_classes: int, zero_init: bool) -> nn.Dense:
 class ImageClassifier(nn.Module):
   """``backbone(images, train=...) -> (N, D)`` features, dropout, then a Dense ``head``.
 
-  Images arrive as uint8 and are normalised here with the backbone's own ``(x - mean) / std`` (pixel units), so
-  the data pipeline does not depend on the model. ``backbone_train`` runs the backbone in training mode (BatchNorm
-  batch statistics and running-average updates, stochastic depth); it is separate from ``train`` (the head's
-  dropout) because a frozen backbone stays in inference mode: a fixed, cacheable feature extractor. ``num_classes=None`` returns the features (a checkpoint without a head).
+  Images arrive as uint8 and are normalised here with the backbone's own ``(x - mean) / std`` in pixel units
+  (scalars, or one value per RGB channel), so the data pipeline does not depend on the model; the registry
+  (``transfer.models.INPUT_NORMALIZATION``) sets them per family. ``backbone_train`` runs the backbone in
+  training mode (BatchNorm batch statistics and running-average updates, stochastic depth); it is separate from
+  ``train`` (the head's dropout) because a frozen backbone stays in inference mode: a fixed, cacheable feature
+  extractor. ``num_classes=None`` returns the features (a checkpoint without a head).
   """
   backbone: nn.Module
   num_classes: int | None
   dropout: float = 0.0
   zero_init_head: bool = True
-  input_mean: float = 127.5
-  input_std: float = 127.5
+  input_mean: float | tuple[float, float, float] = 127.5   # default: [-1, 1] inputs
+  input_std: float | tuple[float, float, float] = 127.5
 
   @nn.compact
   def __call__(self, batch, *, train: bool = False, backbone_train: bool | None = None):
-    images = (jnp.asarray(batch["image"], jnp.float32) - self.input_mean) / self.input_std
+    mean, std = jnp.asarray(self.input_mean, jnp.float32), jnp.asarray(self.input_std, jnp.float32)
+    images = (jnp.asarray(batch["image"], jnp.float32) - mean) / std   # per-channel values: the last axis
     features = self.backbone(images, train=train if backbone_train is None else backbone_train)
     if self.num_classes is None:
       return features

@@ -1,4 +1,4 @@
-"""EfficientNet-Lite0..4 backbone in Flax, plus the key table that loads the PyTorch reference's checkpoints.
+"""EfficientNet-Lite0..4 backbone in Flax, plus the key tables that load PyTorch checkpoints of the same network.
 
 The architecture mirrors ``efficientnet_lite_pytorch`` (lukemelas-style port of the TF "lite" builder) exactly,
 so its ImageNet weights load without retraining: MBConv blocks without squeeze-excitation, ReLU6, TF "SAME"
@@ -14,6 +14,7 @@ parity at any stride-2 conv is then silently mis-padded (e.g. lite0 built for 22
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import flax.linen as nn
@@ -21,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from transfer.convert import KeyRow, apply_key_table
+from transfer.models.keys import choose_layout, torch_batchnorm_rows, torch_conv_kernel
 from transfer.models.layers import DepthwiseConv
 
 # name -> (width multiplier, depth multiplier, native resolution), from the reference's efficientnet_params.
@@ -129,39 +131,66 @@ class EfficientNetLite(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Checkpoint conversion from the PyTorch reference (``_conv_stem``, ``_blocks.N.*``, ``_conv_head``, ``_fc``).
-
-def _conv_kernel(w: np.ndarray) -> np.ndarray:
-  """OIHW -> HWIO; for depthwise (C, 1, kh, kw) this gives flax's (kh, kw, 1, C) grouped layout."""
-  return np.transpose(w, (2, 3, 1, 0))
-
-
-def _bn_rows(source: str, target: str) -> list[KeyRow]:
-  """BatchNorm2d's five entries -> flax scale/bias (params) and mean/var (batch_stats); the step counter is dropped."""
-  return [(source + r'\.weight', f'params/backbone/{target}/scale', None),
-          (source + r'\.bias', f'params/backbone/{target}/bias', None),
-          (source + r'\.running_mean', f'batch_stats/backbone/{target}/mean', None),
-          (source + r'\.running_var', f'batch_stats/backbone/{target}/var', None),
-          (source + r'\.num_batches_tracked', None, None)]
-
+# Checkpoint conversion. Two layouts of the same network: the packaged weights' ``efficientnet_lite_pytorch``
+# names (``_conv_stem``, ``_blocks.N.*`` numbered flat, ``_conv_head``, ``_fc``) and timm's ``tf_efficientnet_lite*``
+# names (``conv_stem``, ``blocks.STAGE.I.*``, ``conv_head``, ``classifier``).
 
 _BLOCK = r'_blocks\.(\d+)\.'
 KEY_TABLE: list[KeyRow] = [
-    (r'_conv_stem\.weight', 'params/backbone/stem_conv/kernel', _conv_kernel),
-    *_bn_rows(r'_bn0', 'stem_bn'),
-    (_BLOCK + r'_expand_conv\.weight', r'params/backbone/block_\1/expand_conv/kernel', _conv_kernel),
-    *_bn_rows(_BLOCK + r'_bn0', r'block_\1/expand_bn'),
-    (_BLOCK + r'_depthwise_conv\.weight', r'params/backbone/block_\1/dw_conv/kernel', _conv_kernel),
-    *_bn_rows(_BLOCK + r'_bn1', r'block_\1/dw_bn'),
-    (_BLOCK + r'_project_conv\.weight', r'params/backbone/block_\1/project_conv/kernel', _conv_kernel),
-    *_bn_rows(_BLOCK + r'_bn2', r'block_\1/project_bn'),
-    (r'_conv_head\.weight', 'params/backbone/top_conv/kernel', _conv_kernel),
-    *_bn_rows(r'_bn1', 'top_bn'),
+    (r'_conv_stem\.weight', 'params/backbone/stem_conv/kernel', torch_conv_kernel),
+    *torch_batchnorm_rows(r'_bn0', 'stem_bn'),
+    (_BLOCK + r'_expand_conv\.weight', r'params/backbone/block_\1/expand_conv/kernel', torch_conv_kernel),
+    *torch_batchnorm_rows(_BLOCK + r'_bn0', r'block_\1/expand_bn'),
+    (_BLOCK + r'_depthwise_conv\.weight', r'params/backbone/block_\1/dw_conv/kernel', torch_conv_kernel),
+    *torch_batchnorm_rows(_BLOCK + r'_bn1', r'block_\1/dw_bn'),
+    (_BLOCK + r'_project_conv\.weight', r'params/backbone/block_\1/project_conv/kernel', torch_conv_kernel),
+    *torch_batchnorm_rows(_BLOCK + r'_bn2', r'block_\1/project_bn'),
+    (r'_conv_head\.weight', 'params/backbone/top_conv/kernel', torch_conv_kernel),
+    *torch_batchnorm_rows(r'_bn1', 'top_bn'),
     (r'_fc\.weight', 'params/head/kernel', np.transpose),
     (r'_fc\.bias', 'params/head/bias', None),
 ]
 
 
+def timm_key_table(state_dict) -> list[KeyRow]:
+  """Rows for timm's ``tf_efficientnet_lite*`` names, whose blocks are numbered per stage (``blocks.S.I``).
+
+  The flat block number is the position of ``(S, I)`` in the checkpoint's own sorted block list; a block with a
+  ``conv_pwl`` is an inverted residual (``conv_pw`` expands), one without is timm's depthwise-separable first
+  block (``conv_pw`` projects). Keys outside these rows (squeeze-excitation, ...) stay unmatched: an error."""
+  blocks = sorted({tuple(map(int, m.groups())) for k in state_dict
+                   if (m := re.match(r'blocks\.(\d+)\.(\d+)\.', k))})
+  rows: list[KeyRow] = [
+      (r'conv_stem\.weight', 'params/backbone/stem_conv/kernel', torch_conv_kernel),
+      *torch_batchnorm_rows(r'bn1', 'stem_bn'),
+      (r'conv_head\.weight', 'params/backbone/top_conv/kernel', torch_conv_kernel),
+      *torch_batchnorm_rows(r'bn2', 'top_bn'),
+      (r'classifier\.weight', 'params/head/kernel', np.transpose),
+      (r'classifier\.bias', 'params/head/bias', None),
+  ]
+  for i, (stage, index) in enumerate(blocks):
+    src, dst = rf'blocks\.{stage}\.{index}\.', f'block_{i}'
+    if f'blocks.{stage}.{index}.conv_pwl.weight' in state_dict:
+      parts = [('conv_pw', 'bn1', 'expand'), ('conv_dw', 'bn2', 'dw'), ('conv_pwl', 'bn3', 'project')]
+    else:
+      parts = [('conv_dw', 'bn1', 'dw'), ('conv_pw', 'bn2', 'project')]
+    for conv, bn, ours in parts:
+      rows.append((src + conv + r'\.weight', f'params/backbone/{dst}/{ours}_conv/kernel', torch_conv_kernel))
+      rows += torch_batchnorm_rows(src + bn, f'{dst}/{ours}_bn')
+  return rows
+
+
+LAYOUTS = {'efficientnet_lite_pytorch': r'_conv_stem\.weight', 'timm tf_efficientnet_lite': r'conv_stem\.weight'}
+
+
 def convert_torch_state_dict(state_dict, source_name: str = 'checkpoint') -> dict[str, np.ndarray]:
-  """Reference state dict -> flat ``{collection/path: array}`` for ``transfer.convert.merge_pretrained``."""
+  """``efficientnet_lite_pytorch`` state dict -> flat ``{collection/path: array}`` for ``merge_pretrained``."""
   return apply_key_table(state_dict, KEY_TABLE, source_name=source_name)
+
+
+def convert_state_dict(state_dict, *, source_name: str = 'checkpoint') -> dict[str, np.ndarray]:
+  """A state dict in either layout (told apart by its stem's name) -> flat ``{collection/path: array}``."""
+  layout = choose_layout(state_dict, LAYOUTS, family='EfficientNet-Lite', source_name=source_name)
+  if layout == 'efficientnet_lite_pytorch':
+    return convert_torch_state_dict(state_dict, source_name=source_name)
+  return apply_key_table(state_dict, timm_key_table(state_dict), source_name=source_name)

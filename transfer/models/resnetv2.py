@@ -1,0 +1,180 @@
+"""ResNet v2 as in BiT (Big Transfer) in Flax, plus key tables for Google's ``.npz`` files and timm's state dicts.
+
+Pre-activation bottleneck units (GroupNorm + ReLU before each weight-standardised conv, the stride on the 3x3
+conv, a 1x1 projection of the pre-activated input on the first unit of each stage), GroupNorm with 32 groups
+(eps 1e-5), a final GroupNorm + ReLU before global average pooling, and the width factor of BiT's R50x1 ... R152x4
+multiplying every channel count. The stem is a 7x7/2 conv padded by 3, then a zero pad of 1 and a 3x3/2 max pool
+without padding: BiT's fixed padding, as timm's ``resnetv2_*_bit`` builds it. No BatchNorm, so no ``batch_stats``.
+Inputs are NHWC images scaled to [-1, 1].
+
+Google's BiT ``.npz`` names (``resnet/root_block/standardized_conv2d/kernel``,
+``resnet/block{1-4}/unit{01..}/{a,b,c}/{standardized_conv2d/kernel,group_norm/gamma,group_norm/beta}``,
+``.../a/proj/standardized_conv2d/kernel``, ``resnet/group_norm/{gamma,beta}``, ``resnet/head/conv2d/{kernel,bias}``)
+are the ones timm's ``resnetv2._load_weights`` reads; kernels are HWIO already.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+from jax import lax
+
+from transfer.convert import KeyRow, apply_key_table
+from transfer.models.keys import choose_layout, torch_conv_kernel, torch_linear_kernel
+from transfer.models.resnet import scaled
+
+# name -> units per stage and width factor (BiT's released models).
+VARIANTS = {
+    'bit-r50x1': dict(depths=(3, 4, 6, 3), width=1),
+    'bit-r50x3': dict(depths=(3, 4, 6, 3), width=3),
+    'bit-r101x1': dict(depths=(3, 4, 23, 3), width=1),
+    'bit-r101x3': dict(depths=(3, 4, 23, 3), width=3),
+    'bit-r152x2': dict(depths=(3, 8, 36, 3), width=2),
+    'bit-r152x4': dict(depths=(3, 8, 36, 3), width=4),
+}
+STEM_WIDTH, STAGE_WIDTHS, GROUPS = 64, (256, 512, 1024, 2048), 32
+
+_conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')   # He init for ReLU nets
+
+
+def channels(base: int, width: float) -> int:
+  """``base * width``: a whole number that GroupNorm's 32 groups divide."""
+  out = scaled(base, width)
+  if out % GROUPS:
+    raise ValueError(f'config.model.width={width}: {base} x {width} = {out} channels, which GroupNorm\'s '
+                     f'{GROUPS} groups do not divide')
+  return out
+
+
+class StdConv(nn.Module):
+  """Conv without bias whose kernel is standardised per output channel (zero mean, unit variance over H, W and
+  input channels) at every call: BiT's weight standardisation, which makes GroupNorm train like BatchNorm."""
+  features: int
+  kernel_size: int
+  stride: int = 1
+  padding: int = 0       # symmetric, PyTorch style
+  eps: float = 1e-8      # timm's BiT value; far below any real kernel's variance
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    k = self.kernel_size
+    kernel = self.param('kernel', _conv_init, (k, k, x.shape[-1], self.features), jnp.float32)
+    mean = kernel.mean(axis=(0, 1, 2), keepdims=True)
+    var = jnp.square(kernel - mean).mean(axis=(0, 1, 2), keepdims=True)
+    kernel = (kernel - mean) * lax.rsqrt(var + self.eps)
+    return lax.conv_general_dilated(jnp.asarray(x, self.dtype), kernel.astype(self.dtype), (self.stride,) * 2,
+                                    ((self.padding, self.padding),) * 2,
+                                    dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+def _group_norm(name: str, dtype) -> nn.GroupNorm:
+  # Two-pass variance: E[x^2] - E[x]^2 loses digits on activations with a large mean.
+  return nn.GroupNorm(num_groups=GROUPS, epsilon=1e-5, use_fast_variance=False, dtype=dtype,
+                      param_dtype=jnp.float32, name=name)
+
+
+class PreActBottleneck(nn.Module):
+  """GN-ReLU-conv1x1, GN-ReLU-conv3x3 (stride), GN-ReLU-conv1x1 to ``out_ch``, plus the shortcut."""
+  out_ch: int
+  stride: int
+  project: bool          # first unit of a stage: 1x1 conv (with the stride) on the pre-activated input
+  drop_path: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    mid = self.out_ch // 4
+    preact = nn.relu(_group_norm('norm1', self.dtype)(x))
+    shortcut = StdConv(self.out_ch, 1, self.stride, dtype=self.dtype, name='proj_conv')(preact) if self.project else x
+    y = StdConv(mid, 1, dtype=self.dtype, name='conv1')(preact)
+    y = StdConv(mid, 3, self.stride, padding=1, dtype=self.dtype, name='conv2')(
+        nn.relu(_group_norm('norm2', self.dtype)(y)))
+    y = StdConv(self.out_ch, 1, dtype=self.dtype, name='conv3')(nn.relu(_group_norm('norm3', self.dtype)(y)))
+    y = nn.Dropout(self.drop_path, broadcast_dims=(1, 2, 3), deterministic=not train)(y)   # stochastic depth
+    return y + shortcut
+
+
+class ResNetV2(nn.Module):
+  """Backbone only: (N, H, W, 3) images in [-1, 1] -> (N, 2048 * width) globally average-pooled features.
+
+  ``depths``: units per stage (BiT's names number stages and units from 1, and so do the module names here:
+  ``stage{s}_unit{u}``); ``width``: BiT's width factor (an integer for the released models; tests use other
+  depths and widths). Unit ``i`` of ``n`` uses stochastic depth ``drop_path * i / n``.
+  """
+  depths: tuple[int, ...]
+  width: float = 1
+  drop_path: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    x = StdConv(channels(STEM_WIDTH, self.width), 7, 2, padding=3, dtype=self.dtype, name='stem_conv')(x)
+    x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))   # zeros (not -inf): BiT pads before its max pool
+    x = nn.max_pool(x, (3, 3), (2, 2), padding='VALID')
+    total, i = sum(self.depths), 0
+    for stage, (depth, width) in enumerate(zip(self.depths, STAGE_WIDTHS), start=1):
+      for unit in range(1, depth + 1):
+        x = PreActBottleneck(channels(width, self.width), 2 if (unit == 1 and stage > 1) else 1, unit == 1,
+                             drop_path=self.drop_path * i / total, dtype=self.dtype,
+                             name=f'stage{stage}_unit{unit}')(x, train=train)
+        i += 1
+    x = nn.relu(_group_norm('norm', self.dtype)(x))
+    return jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(self.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoint conversion.
+
+def _dense_from_1x1(w):
+  """BiT's head is a 1x1 conv, (1, 1, C, K) in the npz: a Dense kernel (C, K)."""
+  return w.reshape(w.shape[-2:])
+
+
+_UNIT = r'resnet/block(\d)/unit0*(\d+)/'   # unit01 -> 1: the module names keep Google's 1-based numbers
+NPZ_KEY_TABLE: list[KeyRow] = [
+    (r'resnet/root_block/standardized_conv2d/kernel', 'params/backbone/stem_conv/kernel', None),
+    *[row for letter, n in (('a', 1), ('b', 2), ('c', 3)) for row in (
+        (_UNIT + letter + r'/standardized_conv2d/kernel', rf'params/backbone/stage\1_unit\2/conv{n}/kernel', None),
+        (_UNIT + letter + r'/group_norm/gamma', rf'params/backbone/stage\1_unit\2/norm{n}/scale', None),
+        (_UNIT + letter + r'/group_norm/beta', rf'params/backbone/stage\1_unit\2/norm{n}/bias', None))],
+    (_UNIT + r'a/proj/standardized_conv2d/kernel', r'params/backbone/stage\1_unit\2/proj_conv/kernel', None),
+    (r'resnet/group_norm/gamma', 'params/backbone/norm/scale', None),
+    (r'resnet/group_norm/beta', 'params/backbone/norm/bias', None),
+    (r'resnet/head/conv2d/kernel', 'params/head/kernel', _dense_from_1x1),
+    (r'resnet/head/conv2d/bias', 'params/head/bias', None),
+]
+
+
+def timm_key_table(state_dict) -> list[KeyRow]:
+  """Rows for timm's ``resnetv2_*_bit`` state dicts, whose stages and blocks count from 0 (``stages.S.blocks.B``):
+  written out per block found in the checkpoint, so each lands on the 1-based ``stage{S+1}_unit{B+1}``."""
+  blocks = sorted({tuple(map(int, m.groups())) for k in state_dict
+                   if (m := re.match(r'stages\.(\d+)\.blocks\.(\d+)\.', k))})
+  rows: list[KeyRow] = [
+      (r'stem\.conv\.weight', 'params/backbone/stem_conv/kernel', torch_conv_kernel),
+      (r'norm\.weight', 'params/backbone/norm/scale', None),
+      (r'norm\.bias', 'params/backbone/norm/bias', None),
+      (r'head\.fc\.weight', 'params/head/kernel', torch_linear_kernel),
+      (r'head\.fc\.bias', 'params/head/bias', None),
+  ]
+  for stage, block in blocks:
+    src, dst = rf'stages\.{stage}\.blocks\.{block}\.', f'params/backbone/stage{stage + 1}_unit{block + 1}'
+    rows += [(src + r'conv(\d)\.weight', dst + r'/conv\1/kernel', torch_conv_kernel),
+             (src + r'norm(\d)\.weight', dst + r'/norm\1/scale', None),
+             (src + r'norm(\d)\.bias', dst + r'/norm\1/bias', None),
+             (src + r'downsample\.conv\.weight', dst + '/proj_conv/kernel', torch_conv_kernel)]
+  return rows
+
+
+LAYOUTS = {'Google BiT .npz': r'resnet/root_block/standardized_conv2d/kernel',
+           'timm resnetv2 state dict': r'stem\.conv\.weight'}
+
+
+def convert_state_dict(state_dict, *, source_name: str = 'checkpoint') -> dict:
+  """A BiT checkpoint (Google's npz arrays or timm's state dict) -> flat ``{collection/path: array}``."""
+  layout = choose_layout(state_dict, LAYOUTS, family='BiT ResNet v2', source_name=source_name)
+  table = NPZ_KEY_TABLE if layout == 'Google BiT .npz' else timm_key_table(state_dict)
+  return apply_key_table(state_dict, table, source_name=source_name)

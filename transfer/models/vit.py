@@ -1,0 +1,252 @@
+"""Vision Transformer (ViT) in Flax, plus key tables for timm's state dicts and Google's ``.npz`` files.
+
+The network of Dosovitskiy et al. as timm's ``vit_*`` and Google's vit_jax / big_vision build it: a p x p patch
+embedding conv, learned position embeddings, pre-LayerNorm encoder blocks (LayerNorm eps 1e-6, multi-head
+self-attention, an MLP with exact GELU), a final LayerNorm, then the class token ('cls' pooling) or the mean of
+the patch tokens ('mean' pooling, a model without class token: big_vision's 'gap', timm's ``class_token=False,
+global_pool='avg', fc_norm=False``). Inputs are NHWC images scaled to [-1, 1].
+
+Position embeddings are stored for ``posemb_grid`` (the variant's native resolution / patch). An input of another
+size is run with them resampled bilinearly to its grid (the class token's entry kept apart), at every call, as
+timm does when it loads a checkpoint into a model of another size; a checkpoint made at another resolution is
+resampled the same way once, at load (``fit_checkpoint``). Attention parameters use Google's layout (separate
+query/key/value kernels of shape (D, heads, D / heads), an output kernel (heads, D / heads, D)); timm's fused
+``qkv`` is split on conversion.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from transfer.convert import ConversionError, KeyRow, apply_key_table
+from transfer.models.keys import choose_layout, torch_conv_kernel, torch_linear_kernel
+
+# name -> patch size, width, depth, heads, MLP width, native resolution (ViT paper sizes; DeiT's Ti; a test size).
+VARIANTS = {
+    'vit-test8': dict(patch=8, dim=64, depth=2, heads=2, mlp_dim=256, resolution=32),   # tests only
+    'vit-ti16': dict(patch=16, dim=192, depth=12, heads=3, mlp_dim=768, resolution=224),
+    'vit-s16': dict(patch=16, dim=384, depth=12, heads=6, mlp_dim=1536, resolution=224),
+    'vit-s32': dict(patch=32, dim=384, depth=12, heads=6, mlp_dim=1536, resolution=224),
+    'vit-b16': dict(patch=16, dim=768, depth=12, heads=12, mlp_dim=3072, resolution=224),
+    'vit-b32': dict(patch=32, dim=768, depth=12, heads=12, mlp_dim=3072, resolution=224),
+    'vit-l16': dict(patch=16, dim=1024, depth=24, heads=16, mlp_dim=4096, resolution=224),
+    'vit-l32': dict(patch=32, dim=1024, depth=24, heads=16, mlp_dim=4096, resolution=224),
+}
+POOLINGS = ('cls', 'mean')
+LAYERNORM_EPS = 1e-6
+
+
+def resample_posemb(posemb, old_grid: tuple[int, int], new_grid: tuple[int, int], num_prefix: int):
+  """(1, num_prefix + old_h * old_w, D) position embeddings -> (1, num_prefix + new_h * new_w, D).
+
+  The first ``num_prefix`` entries (the class token's) are kept as they are; the grid is resized bilinearly with
+  half-pixel centres and no antialiasing: timm's ``resample_abs_pos_embed(..., interpolation='bilinear',
+  antialias=False)``, what timm's loader of Google's ViT checkpoints uses."""
+  old_grid, new_grid = tuple(old_grid), tuple(new_grid)
+  if old_grid == new_grid:
+    return posemb
+  prefix, grid = posemb[:, :num_prefix], posemb[:, num_prefix:]
+  dim = grid.shape[-1]
+  grid = jnp.reshape(jnp.asarray(grid, jnp.float32), (1, *old_grid, dim))
+  grid = jax.image.resize(grid, (1, *new_grid, dim), method='bilinear', antialias=False)
+  grid = jnp.reshape(grid, (1, new_grid[0] * new_grid[1], dim)).astype(posemb.dtype)
+  return jnp.concatenate([jnp.asarray(prefix), grid], axis=1)
+
+
+class MlpBlock(nn.Module):
+  mlp_dim: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    dense = lambda feats, name: nn.Dense(feats, dtype=self.dtype, param_dtype=jnp.float32,
+                                         kernel_init=nn.initializers.xavier_uniform(), name=name)
+    return dense(x.shape[-1], 'fc2')(nn.gelu(dense(self.mlp_dim, 'fc1')(x), approximate=False))
+
+
+class EncoderBlock(nn.Module):
+  """x + attention(LN(x)), then x + MLP(LN(x)); each residual branch dropped per example in training."""
+  heads: int
+  mlp_dim: int
+  drop_path: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    norm = lambda name: nn.LayerNorm(LAYERNORM_EPS, use_fast_variance=False, dtype=self.dtype,
+                                     param_dtype=jnp.float32, name=name)
+    drop = nn.Dropout(self.drop_path, broadcast_dims=(1, 2), deterministic=not train)
+    y = norm('norm1')(x)
+    y = nn.MultiHeadDotProductAttention(self.heads, dtype=self.dtype, param_dtype=jnp.float32,
+                                        kernel_init=nn.initializers.xavier_uniform(), name='attn')(y, y)
+    x = x + drop(y)
+    return x + drop(MlpBlock(self.mlp_dim, dtype=self.dtype, name='mlp')(norm('norm2')(x)))
+
+
+class ViT(nn.Module):
+  """Backbone only: (N, H, W, 3) images in [-1, 1] -> (N, dim) features after the final LayerNorm.
+
+  H and W should be multiples of ``patch`` (a remainder is cropped by the patch conv, as in timm). Block ``i`` of
+  ``n`` uses stochastic depth ``drop_path * i / (n - 1)`` (timm's linear rule).
+  """
+  patch: int
+  dim: int
+  depth: int
+  heads: int
+  mlp_dim: int
+  posemb_grid: tuple[int, int]
+  pooling: str = 'cls'
+  drop_path: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    if self.pooling not in POOLINGS:
+      raise ValueError(f"config.model.pooling: {self.pooling!r}; a ViT pools by one of {POOLINGS}")
+    x = nn.Conv(self.dim, (self.patch, self.patch), (self.patch, self.patch), padding='VALID', dtype=self.dtype,
+                param_dtype=jnp.float32, name='patch_embed')(jnp.asarray(x, self.dtype))
+    n, grid = x.shape[0], x.shape[1:3]
+    x = x.reshape(n, grid[0] * grid[1], self.dim)
+    prefix = 1 if self.pooling == 'cls' else 0
+    posemb = self.param('pos_embedding', nn.initializers.normal(0.02),
+                        (1, prefix + self.posemb_grid[0] * self.posemb_grid[1], self.dim), jnp.float32)
+    if prefix:
+      cls = self.param('cls', nn.initializers.zeros, (1, 1, self.dim), jnp.float32)
+      x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (n, 1, self.dim)), x], axis=1)
+    x = x + resample_posemb(posemb, self.posemb_grid, grid, prefix).astype(self.dtype)
+    for i in range(self.depth):
+      x = EncoderBlock(self.heads, self.mlp_dim, drop_path=self.drop_path * i / max(self.depth - 1, 1),
+                       dtype=self.dtype, name=f'block_{i}')(x, train=train)
+    x = nn.LayerNorm(LAYERNORM_EPS, use_fast_variance=False, dtype=self.dtype, param_dtype=jnp.float32,
+                     name='encoder_norm')(x)
+    return x[:, 0] if prefix else jnp.mean(x.astype(jnp.float32), axis=1).astype(self.dtype)
+
+
+def from_variant(name: str, *, pooling: str = 'cls', drop_path: float = 0.0, dtype=jnp.float32) -> ViT:
+  v = VARIANTS[name]
+  grid = v['resolution'] // v['patch']
+  return ViT(v['patch'], v['dim'], v['depth'], v['heads'], v['mlp_dim'], (grid, grid), pooling=pooling,
+             drop_path=drop_path, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoint conversion.
+
+_B = 'params/backbone/'
+
+
+def timm_key_table(num_heads: int) -> list[KeyRow]:
+  """Rows for timm's ``VisionTransformer`` state dict after ``split_qkv`` (``cls_token``, ``pos_embed``,
+  ``patch_embed.proj``, ``blocks.N.{norm1,attn.q/k/v,attn.proj,norm2,mlp.fc1,mlp.fc2}``, ``norm``, ``head``);
+  the attention kernels are reshaped per head, hence ``num_heads``."""
+  def heads_in(w):    # torch (out = heads * hd, in) -> (in, heads, hd); a bias (heads * hd,) -> (heads, hd)
+    w = np.transpose(w) if w.ndim == 2 else w
+    return w.reshape(*w.shape[:-1], num_heads, w.shape[-1] // num_heads)
+
+  def heads_out(w):   # torch (out, in = heads * hd) -> (heads, hd, out)
+    return np.transpose(w).reshape(num_heads, w.shape[1] // num_heads, w.shape[0])
+
+  blk = r'blocks\.(\d+)\.'
+  return [
+      (r'cls_token', _B + 'cls', None),
+      (r'pos_embed', _B + 'pos_embedding', None),
+      (r'patch_embed\.proj\.weight', _B + 'patch_embed/kernel', torch_conv_kernel),
+      (r'patch_embed\.proj\.bias', _B + 'patch_embed/bias', None),
+      (blk + r'norm(\d)\.weight', _B + r'block_\1/norm\2/scale', None),
+      (blk + r'norm(\d)\.bias', _B + r'block_\1/norm\2/bias', None),
+      *[(blk + rf'attn\.{short}\.weight', _B + rf'block_\1/attn/{full}/kernel', heads_in)
+        for short, full in (('q', 'query'), ('k', 'key'), ('v', 'value'))],
+      *[(blk + rf'attn\.{short}\.bias', _B + rf'block_\1/attn/{full}/bias', heads_in)
+        for short, full in (('q', 'query'), ('k', 'key'), ('v', 'value'))],
+      (blk + r'attn\.proj\.weight', _B + r'block_\1/attn/out/kernel', heads_out),
+      (blk + r'attn\.proj\.bias', _B + r'block_\1/attn/out/bias', None),
+      (blk + r'mlp\.fc(\d)\.weight', _B + r'block_\1/mlp/fc\2/kernel', torch_linear_kernel),
+      (blk + r'mlp\.fc(\d)\.bias', _B + r'block_\1/mlp/fc\2/bias', None),
+      (r'norm\.weight', _B + 'encoder_norm/scale', None),
+      (r'norm\.bias', _B + 'encoder_norm/bias', None),
+      (r'head\.weight', 'params/head/kernel', torch_linear_kernel),
+      (r'head\.bias', 'params/head/bias', None),
+  ]
+
+
+def split_qkv(state_dict, source_name: str) -> dict:
+  """timm's fused ``blocks.N.attn.qkv.{weight,bias}`` (query, key, value stacked on the output axis) -> three
+  entries ``blocks.N.attn.{q,k,v}.*``; everything else as it is."""
+  out = {}
+  for key, value in state_dict.items():
+    m = re.fullmatch(r'(blocks\.\d+\.attn\.)qkv\.(weight|bias)', key)
+    if not m:
+      out[key] = value
+      continue
+    value = np.asarray(value)
+    if value.shape[0] % 3:
+      raise ConversionError(f'{source_name}: {key} has {value.shape[0]} rows, not query, key and value stacked')
+    for part, short in zip(np.split(value, 3, axis=0), 'qkv'):
+      out[f'{m.group(1)}{short}.{m.group(2)}'] = part
+  return out
+
+
+_G = r'(?:params/|opt/target/)?'   # big_vision and optimizer-state files nest the parameters under a prefix
+_ENC = _G + r'Transformer/encoderblock_(\d+)/'
+# vit_jax names its block's layers LayerNorm_0, MultiHeadDotProductAttention_1, LayerNorm_2, MlpBlock_3; big_vision
+# LayerNorm_0, MultiHeadDotProductAttention_0, LayerNorm_1, MlpBlock_0: one row covers both (a file mixing them maps
+# two arrays to one variable, which is an error).
+NPZ_KEY_TABLE: list[KeyRow] = [
+    (_G + r'embedding/(kernel|bias)', _B + r'patch_embed/\1', None),
+    (_G + r'cls', _B + 'cls', None),
+    (_G + r'(?:Transformer/posembed_input/)?pos_embedding', _B + 'pos_embedding', None),
+    (_ENC + r'LayerNorm_0/(scale|bias)', _B + r'block_\1/norm1/\2', None),
+    (_ENC + r'LayerNorm_[12]/(scale|bias)', _B + r'block_\1/norm2/\2', None),
+    (_ENC + r'MultiHeadDotProductAttention_[01]/(query|key|value|out)/(kernel|bias)', _B + r'block_\1/attn/\2/\3',
+     None),
+    (_ENC + r'MlpBlock_[03]/Dense_0/(kernel|bias)', _B + r'block_\1/mlp/fc1/\2', None),
+    (_ENC + r'MlpBlock_[03]/Dense_1/(kernel|bias)', _B + r'block_\1/mlp/fc2/\2', None),
+    (_G + r'Transformer/encoder_norm/(scale|bias)', _B + r'encoder_norm/\1', None),
+    (_G + r'head/(kernel|bias)', r'params/head/\1', None),
+]
+LAYOUTS = {'Google ViT .npz': _G + r'embedding/kernel', 'timm state dict': r'patch_embed\.proj\.weight'}
+
+
+def convert_state_dict(state_dict, *, num_heads: int, source_name: str = 'checkpoint') -> dict:
+  """A ViT checkpoint (timm's state dict or Google's npz arrays) -> flat ``{collection/path: array}``.
+
+  Position embeddings keep the checkpoint's grid; ``fit_checkpoint`` resamples them to a model's."""
+  layout = choose_layout(state_dict, LAYOUTS, family='ViT', source_name=source_name)
+  if layout == 'Google ViT .npz':
+    return apply_key_table(state_dict, NPZ_KEY_TABLE, source_name=source_name)
+  return apply_key_table(split_qkv(state_dict, source_name), timm_key_table(num_heads), source_name=source_name)
+
+
+def _square_grid(tokens: int, what: str) -> tuple[int, int]:
+  side = math.isqrt(tokens)
+  if side * side != tokens:
+    raise ConversionError(f'{what}: {tokens} patch positions are not a square grid')
+  return side, side
+
+
+def fit_checkpoint(flat: dict, model_shapes: dict, *, source_name: str) -> dict:
+  """``flat`` with its position embeddings resampled to the grid of ``model_shapes`` (flat path -> shape).
+
+  A model with a class token keeps the checkpoint's class-token entry; a checkpoint whose embeddings hold a square
+  number of positions while the model has a class token has no such entry (big_vision's 'tok' layout adds them
+  before the class token is prepended), which this model cannot represent: an error."""
+  key = _B + 'pos_embedding'
+  if key not in flat or key not in model_shapes or tuple(flat[key].shape) == tuple(model_shapes[key]):
+    return flat
+  prefix = 1 if _B + 'cls' in model_shapes else 0
+  have, want = flat[key], tuple(model_shapes[key])
+  if have.ndim != 3 or have.shape[0] != 1 or have.shape[2] != want[2]:
+    raise ConversionError(f'{source_name}: position embeddings {key} of shape {have.shape} do not fit the model\'s '
+                          f'{want}')
+  if prefix and math.isqrt(have.shape[1]) ** 2 == have.shape[1]:
+    raise ConversionError(f'{source_name}: position embeddings {key} {have.shape} have no class-token entry but '
+                          f'the model has a class token (a big_vision \'tok\' checkpoint?); not supported')
+  old = _square_grid(have.shape[1] - prefix, f'{source_name}: {key} {have.shape}')
+  new = _square_grid(want[1] - prefix, f'model {key} {want}')
+  return {**flat, key: np.asarray(resample_posemb(have, old, new, prefix))}
