@@ -5,15 +5,26 @@ import ml_collections
 from ml_collections import config_dict
 
 
+def auto_or(value) -> config_dict.FieldReference:
+  """A field that holds a number or 'auto' (filled in by the auto rule, ``transfer/data/hyper_rule.py``). Typed
+  ``object``, so the command line takes either: ``--config.data.resolution=128`` or ``=auto``."""
+  return config_dict.FieldReference(value, field_type=object)
+
+
 def base() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0                      # init, dropout and data order; same seed + config -> same metrics
 
   c.model = ml_collections.ConfigDict()
-  c.model.name = "efficientnet-lite0"                   # architecture (transfer.models)
+  # Architecture (transfer.models.NAMES): efficientnet-lite0..4, resnet18/34/50/101/152, bit-r50x1 ... bit-r152x4
+  # (ResNet v2 as in BiT), vit-ti16/s16/s32/b16/b32/l16/l32 (and vit-test8, a test size), bert.
+  c.model.name = "efficientnet-lite0"
   c.model.pretrained = config_dict.placeholder(str)     # short name or checkpoint file; None = from scratch
-  c.model.width = config_dict.placeholder(float)        # override the variant's width multiplier (tests)
-  c.model.depth = config_dict.placeholder(float)        # override the variant's depth multiplier (tests)
+  # Overrides (small test models): width replaces the variant's channel multiplier (EfficientNet-Lite's width,
+  # ResNet's 1.0 for its stages, not the 64-channel stem, BiT's width factor); depth replaces EfficientNet-Lite's
+  # depth multiplier. Other families' depths, and every ViT size, come from the name.
+  c.model.width = config_dict.placeholder(float)
+  c.model.depth = config_dict.placeholder(float)
   c.model.dropout = 0.2                                 # before the head
   c.model.drop_path = 0.0                               # stochastic depth in the backbone
   c.model.bn_momentum = 0.9   # running-average momentum; 0.9 lets short fine-tuning runs' statistics catch up
@@ -22,14 +33,30 @@ def base() -> ml_collections.ConfigDict:
   c.model.backbone_mode = "auto"
   c.model.dtype = "float32"                             # computation dtype: float32 or bfloat16
   c.model.pooling = "cls"    # text: 'cls' (BERT pooler), 'first' (first token) or 'mean' (masked mean)
+  # ViT: 'cls' (class token) or 'mean' (no class token, mean of the patch tokens); it must match the checkpoint.
   c.model.architecture = config_dict.placeholder(str)   # text from scratch: a source whose config.json to use
 
   c.data = ml_collections.ConfigDict()
-  c.data.name = "digits"                                # transfer.data.build
-  c.data.resolution = 64                                # images are resized to resolution x resolution
+  c.data.name = "digits"   # transfer.data.build: digits, text_files, tfds_text, image_folder, npz, tfds_image
+  c.data.resolution = auto_or(64)    # images are resolution x resolution pixels; 'auto': by the images' size
   c.data.train_per_class = config_dict.placeholder(int)  # keep k labelled training images per class
-  c.data.test_fraction = 0.2                            # fixed stratified held-out split
-  c.data.split_seed = 0                                 # fixes the split and the k-per-class subset
+  c.data.test_fraction = 0.2         # fixed stratified held-out split (images: when the data has no eval split)
+  c.data.split_seed = 0              # fixes the held-out split and the training subsets
+  # Images (image_folder, npz, tfds_image; see transfer/data/images.py). Photos are kept on the host with their
+  # shorter side at most resolution / eval_crop; each batch is cropped from them at request time.
+  # name='image_folder': data_dir = ROOT with ROOT/CLASS/*.jpg|png (test_fraction held out) or ROOT/train/CLASS/...
+  #   and ROOT/val (validation, test)/CLASS/... (train_split / eval_split rename those folders).
+  # name='npz': train_file (and eval_file, else test_fraction held out) with arrays 'image' (N, H, W, 3) uint8
+  #   and 'label' (N,) class ids, optionally 'class_names'. name='tfds_image': tfds_name (cifar10, cifar100,
+  #   oxford_iiit_pet, oxford_flowers102, dtd, eurosat) with data_dir, download, train_split, eval_split below.
+  # Training rows: 'crop_flip' (random crop of crop_min_area..1 of the area, any aspect in 3/4..4/3, and a
+  # mirror), 'flip' (the eval crop and a mirror) or 'none'; random by (seed, step, row), so resumable.
+  c.data.augment = "crop_flip"
+  c.data.crop_min_area = 0.08       # crop_flip: the smallest crop, as a fraction of the image's area
+  # Evaluation rows: the central square of this fraction of the shorter side. Cached features (a frozen
+  # backbone) are extracted from this evaluation view of the training images too: no augmentation.
+  c.data.eval_crop = 0.875
+  c.data.strict = False    # files that are not usable images: skipped with a count and the first paths (True: error)
   # name='text_files': local .tsv/.csv/.jsonl files with a header (see transfer/data/text_files.py)
   c.data.train_file = config_dict.placeholder(str)
   c.data.eval_file = config_dict.placeholder(str)
@@ -40,25 +67,29 @@ def base() -> ml_collections.ConfigDict:
   c.data.labels = config_dict.placeholder(list)         # class names in order; default: sorted distinct labels
   c.data.max_length = 64                                # tokens per example (longer texts are truncated)
   c.data.pad_to_multiple_of = 16     # each text batch cut to its longest row, rounded up to this (0: max_length)
-  c.data.train_examples = config_dict.placeholder(int)  # a fixed random subset of the training file
-  # name='tfds_text': a TFDS text task by name (transfer/data/tfds_text.py TASKS), read through tfds.data_source
-  c.data.tfds_name = config_dict.placeholder(str)       # e.g. 'glue/sst2', 'imdb_reviews', 'ag_news_subset'
-  c.data.data_dir = config_dict.placeholder(str)        # TFDS data_dir holding the prepared (array_record) data
+  c.data.train_examples = config_dict.placeholder(int)  # a fixed random subset of the training set
+  # name='tfds_text' / 'tfds_image': a TFDS dataset by name (tfds_text.py TASKS, tfds_image.py DATASETS), read
+  # through tfds.data_source (array_record, no TensorFlow)
+  c.data.tfds_name = config_dict.placeholder(str)       # e.g. 'glue/sst2', 'imdb_reviews', 'cifar10', 'dtd'
+  c.data.data_dir = config_dict.placeholder(str)        # TFDS data_dir (prepared data); image_folder: ROOT
   c.data.download = False                               # True only with network; offline it fails at once
-  c.data.train_split = config_dict.placeholder(str)     # override the task's splits (e.g. validation_mismatched)
+  c.data.train_split = config_dict.placeholder(str)     # override the splits (e.g. validation_mismatched, folders)
   c.data.eval_split = config_dict.placeholder(str)
 
   c.batch_size = 32                # examples per optimizer step (all devices together)
   c.grad_accum_steps = 1           # split each batch into this many sequential micro-batches
   c.eval_batch_size = 128          # the last eval batch is padded and masked
-  c.total_steps = config_dict.placeholder(int)     # training length: set this or total_epochs
+  c.total_steps = auto_or(None)    # training length: set this or total_epochs; 'auto': by the training set's size
   c.total_epochs = config_dict.placeholder(float)
   c.label_smoothing = 0.0
+  # Mixup's Beta(alpha, alpha) (0 = off; 'auto': 0.1 from 20,000 training images up), images only: on the host,
+  # from (seed, step); the loss takes the blended soft labels. Not with cached features (they are per image).
+  c.mixup = auto_or(0.0)
 
   c.schedule = ml_collections.ConfigDict()
   c.schedule.lr = 1e-3                                  # peak learning rate (before per-rule multipliers)
   c.schedule.decay = "cosine"                           # after warmup: cosine, linear or constant
-  c.schedule.warmup_steps = config_dict.placeholder(int)  # linear warmup from 0: steps or epochs
+  c.schedule.warmup_steps = auto_or(None)   # linear warmup from 0: steps or epochs; 'auto': a tenth of training
   c.schedule.warmup_epochs = config_dict.placeholder(float)
 
   c.optimizer = ml_collections.ConfigDict()

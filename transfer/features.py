@@ -16,6 +16,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from transfer import models, rules
 from transfer.data import ArrayDataset
 
 
@@ -59,3 +60,25 @@ def cached(directory: str, key: str, compute: Callable[[], np.ndarray]) -> tuple
     np.save(f, features)
   os.replace(tmp, path)
   return features, False
+
+
+def extract_or_reuse(config, workdir: str, params: dict, batch_stats, splits: dict[str, ArrayDataset], sharding,
+                     batch_size: int) -> dict[str, tuple[np.ndarray, bool]]:
+  """``{split: (features (N, D), reused)}`` of the backbone in ``params`` (flat, inference mode) over each split.
+
+  The one place both the trainer and ``transfer.probe`` get features from, so they share cache entries: directory
+  ``config.feature_cache_dir`` or ``WORKDIR/features``, key = model and data config, split, backbone digest."""
+  backbone = {p: v for p, v in params.items() if p.startswith("backbone/")}
+  variables = {"params": rules.unflatten(backbone), "batch_stats": batch_stats}
+  feature_model = models.build(config.model, None)   # the classifier without its head: pooled features
+  apply_fn = jax.jit(lambda batch: feature_model.apply(variables, batch, train=False))
+  weights = digest(backbone)
+  directory = config.get("feature_cache_dir") or os.path.join(workdir, "features")
+  out = {}
+  for split, ds in splits.items():
+    key = cache_key(config.model.to_dict(), config.data.to_dict(), split, weights)
+    feats, hit = cached(directory, key, lambda: extract(apply_fn, ds, batch_size, sharding, desc=f"features {split}"))
+    print(f"features: {split} {feats.shape} {'reused from' if hit else 'extracted to'} {directory}/{key}.npy",
+          flush=True)
+    out[split] = (feats, hit)
+  return out

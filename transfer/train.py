@@ -5,6 +5,7 @@ steps, restore-or-start, the loop, results. Relaunching with the same workdir re
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -23,6 +24,7 @@ from transfer import convert, data, models, optim, rules
 from transfer import features as features_lib
 from transfer import metrics as metrics_lib
 from transfer.checkpoint import Checkpointer
+from transfer.data import hyper_rule, mixup
 
 
 def log(msg: str) -> None:
@@ -107,19 +109,10 @@ def use_feature_cache(config: ml_collections.ConfigDict, specs: dict) -> bool:
 def cache_features(config, workdir: str, model, params: dict, batch_stats, train_ds, eval_ds, sharding,
                    batch_size: int):
   """Extracts (or reloads) both splits' features; returns the head-only model, params and datasets."""
-  backbone = {p: v for p, v in params.items() if p.startswith("backbone/")}
-  variables = {"params": rules.unflatten(backbone), "batch_stats": batch_stats}
-  feature_model = models.build(config.model, None)   # the classifier without its head: pooled features
-  apply_fn = jax.jit(lambda batch: feature_model.apply(variables, batch, train=False))
-  weights = features_lib.digest(backbone)
-  directory = config.get("feature_cache_dir") or os.path.join(workdir, "features")
-  out = []
-  for split, ds in (("train", train_ds), ("eval", eval_ds)):
-    key = features_lib.cache_key(config.model.to_dict(), config.data.to_dict(), split, weights)
-    feats, hit = features_lib.cached(directory, key, lambda: features_lib.extract(
-        apply_fn, ds, batch_size, sharding, desc=f"features {split}"))
-    log(f"features: {split} {feats.shape} {'reused from' if hit else 'extracted to'} {directory}/{key}.npy")
-    out.append(data.ArrayDataset({"features": feats}, ds.labels, ds.class_names, ds.name))
+  feats = features_lib.extract_or_reuse(config, workdir, params, batch_stats, {"train": train_ds, "eval": eval_ds},
+                                        sharding, batch_size)
+  out = [data.ArrayDataset({"features": feats[split][0]}, ds.labels, ds.class_names, ds.name)
+         for split, ds in (("train", train_ds), ("eval", eval_ds))]
   head = models.FeatureClassifier(num_classes=train_ds.num_outputs, dropout=config.model.get("dropout", 0.0))
   head_params = {p: v for p, v in params.items() if not p.startswith("backbone/")}
   return head, head_params, {}, out[0], out[1]
@@ -129,8 +122,9 @@ def make_steps(model, tx: optax.GradientTransformation, schedule: optax.Schedule
                backbone_train: bool, accum: int = 1, smoothing: float = 0.0, regression: bool = False):
   """(train_step, eval_step): pure functions of (state, batch) for the caller to jit with its shardings.
 
-  Classification: softmax cross-entropy (``smoothing``: label smoothing). ``regression``: one output, mean squared
-  error against float labels; the eval step then also returns its predictions.
+  Classification: softmax cross-entropy (``smoothing``: label smoothing) against ``label``: (B,) class ids, or
+  (B, num_classes) soft targets (mixup), used as they are. ``regression``: one output, mean squared error against
+  float labels; the eval step then also returns its predictions.
 
   ``state`` holds ``trainable`` and ``frozen`` params separately: only ``trainable`` is differentiated and frozen
   ones enter under ``stop_gradient``, so XLA drops every backward computation that only frozen weights need.
@@ -144,6 +138,8 @@ def make_steps(model, tx: optax.GradientTransformation, schedule: optax.Schedule
     logits = logits.astype(jnp.float32)
     if regression:
       loss = jnp.mean((logits[:, 0] - batch["label"]) ** 2)
+    elif batch["label"].ndim == 2:   # soft targets
+      loss = optax.softmax_cross_entropy(logits, optax.smooth_labels(batch["label"], smoothing)).mean()
     else:
       targets = optax.smooth_labels(jax.nn.one_hot(batch["label"], num_classes), smoothing)
       loss = optax.softmax_cross_entropy(logits, targets).mean()
@@ -188,19 +184,27 @@ def make_steps(model, tx: optax.GradientTransformation, schedule: optax.Schedule
   return train_step, eval_step
 
 
+def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) the job ``config`` describes in ``workdir``; returns the contents of results.json."""
   t_start = time.time()
   # ==============================================================================================================
-  # Setup: workdir and resolved config.
+  # Setup: workdir and config. Fields left at 'auto' are filled in below (transfer/data/hyper_rule.py), on a
+  # copy, and config.json is written again with the picks.
   # ==============================================================================================================
   _check_workdir(workdir)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  config = copy.deepcopy(config)
+  save_config(config, workdir)
 
   # ==============================================================================================================
   # Data.
   # ==============================================================================================================
+  hyper_rule.apply(config, "data.resolution", lambda: hyper_rule.resolution(data.typical_image_side(config.data)),
+                   log)
   train_ds, eval_ds = data.build(config.data, config.model)
   num_classes, regression = train_ds.num_outputs, train_ds.regression
   if regression and config.get("label_smoothing", 0.0):
@@ -212,9 +216,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if batch_size % accum:
     raise ValueError(f"config.batch_size={batch_size} is not divisible by config.grad_accum_steps={accum}")
   steps_per_epoch = max(1, len(train_ds) // batch_size)
+  hyper_rule.apply(config, "total_steps", lambda: hyper_rule.total_steps(len(train_ds)), log)
   total_steps = optim.steps_of(config, "total", steps_per_epoch)
   if not total_steps:
     raise ValueError("config: set total_steps or total_epochs (> 0)")
+  hyper_rule.apply(config, "schedule.warmup_steps", lambda: hyper_rule.warmup_steps(total_steps), log)
   log(f"data: train {train_ds.name} {len(train_ds)} examples, eval {eval_ds.name} {len(eval_ds)}, "
       f"{'a regression target' if regression else f'{num_classes} classes'}; {total_steps} steps of batch {batch_size} ({total_steps / steps_per_epoch:.1f} "
       f"epochs)")
@@ -222,7 +228,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # ==============================================================================================================
   # Model and pretrained weights.
   # ==============================================================================================================
-  model, params, batch_stats, dropout_rng = init_variables(config, num_classes, train_ds.train_batch(0, 1, 0))
+  example = train_ds.train_batch(0, 1, 0)
+  model, params, batch_stats, dropout_rng = init_variables(config, num_classes, example)
 
   # ==============================================================================================================
   # Devices: the batch is sharded over all of them, everything else replicated.
@@ -247,8 +254,18 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # ==============================================================================================================
   # Feature cache: a frozen backbone in inference mode runs once over the data; the head trains on its features.
   # ==============================================================================================================
+  cache, images = use_feature_cache(config, specs), "image" in example
+  hyper_rule.apply(config, "mixup", lambda: hyper_rule.mixup(len(train_ds), images=images and not regression,
+                                                              features_cached=cache), log)
+  mixup_alpha = float(config.get("mixup", 0.0))
+  if mixup_alpha and (regression or not images or cache):
+    raise ValueError(f"config.mixup={mixup_alpha} blends images and their class labels, but " + (
+        "this is a regression task" if regression else "the inputs are not images" if not images else
+        "the frozen backbone's features are cached (one per image): set config.feature_cache='off' to run the "
+        "backbone on blended images, or config.mixup=0"))
+  save_config(config, workdir)   # with the auto rule's picks
   cached_backbone_params = 0
-  if use_feature_cache(config, specs):
+  if cache:
     cached_backbone_params = optim.count({p: v for p, v in params.items() if p.startswith("backbone/")})
     model, params, batch_stats, train_ds, eval_ds = cache_features(
         config, workdir, model, params, batch_stats, train_ds, eval_ds, sharded, eval_batch_size)
@@ -320,6 +337,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   t_log, examples_since_log = time.time(), 0
   for step in range(start_step + 1, total_steps + 1):
     batch = train_ds.train_batch(step - 1, batch_size, seed=int(config.seed))
+    if mixup_alpha:
+      batch = mixup.mix(batch, mixup_alpha, num_classes, mixup.generator(int(config.seed), step - 1))
     t0 = time.time()
     state, step_metrics = p_train_step(state, jax.device_put(batch, sharded))
     if step == start_step + 1:  # the first step compiles: keep it out of the throughput figures

@@ -1,4 +1,5 @@
-"""Datasets as in-memory arrays, with batches that are a pure function of (seed, step).
+"""Datasets held in memory (arrays here; images of varying sizes in ``images.py``), with batches that are a pure
+function of (seed, step).
 
 Because batch ``s`` depends only on the seed and ``s``, a resumed run sees exactly the batches an uninterrupted
 one would: the data position is the step number, saved with every checkpoint.
@@ -12,6 +13,28 @@ import numpy as np
 
 
 TOKEN_INPUTS = ("input_ids", "token_type_ids", "attention_mask")
+IMAGE_SOURCES = ("image_folder", "npz", "tfds_image")   # transfer/data/images.py
+
+
+def train_rows(n: int, step: int, batch_size: int, seed: int) -> np.ndarray:
+  """Rows of training batch ``step`` in an endless stream of epochs, each a fresh permutation drawn from
+  (seed, epoch): a pure function of its arguments, so a resumed run draws the same rows."""
+  index = np.arange(step * batch_size, (step + 1) * batch_size)
+  epochs, positions = index // n, index % n
+  rows = np.empty(batch_size, dtype=np.int64)
+  for epoch in np.unique(epochs):
+    order = np.random.default_rng([seed, int(epoch)]).permutation(n)
+    rows[epochs == epoch] = order[positions[epochs == epoch]]
+  return rows
+
+
+def eval_rows(n: int, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """``(rows, mask)`` batches covering rows 0..n-1 once; the last is padded with row 0 under ``mask`` 0."""
+  for start in range(0, n, batch_size):
+    rows = np.arange(start, min(start + batch_size, n))
+    pad = batch_size - len(rows)
+    mask = np.concatenate([np.ones(len(rows), np.float32), np.zeros(pad, np.float32)])
+    yield np.concatenate([rows, np.zeros(pad, np.int64)]), mask
 
 
 @dataclasses.dataclass
@@ -48,24 +71,13 @@ class ArrayDataset:
     return len(self.class_names) or 1
 
   def train_batch(self, step: int, batch_size: int, seed: int) -> dict[str, np.ndarray]:
-    """Batch ``step`` of an endless stream of epochs, each a fresh permutation drawn from (seed, epoch)."""
-    n = len(self)
-    index = np.arange(step * batch_size, (step + 1) * batch_size)
-    epochs, positions = index // n, index % n
-    rows = np.empty(batch_size, dtype=np.int64)
-    for epoch in np.unique(epochs):
-      order = np.random.default_rng([seed, int(epoch)]).permutation(n)
-      rows[epochs == epoch] = order[positions[epochs == epoch]]
+    """Batch ``step`` of an endless stream of epochs (see ``train_rows``)."""
+    rows = train_rows(len(self), step, batch_size, seed)
     return self._trim({**{k: v[rows] for k, v in self.inputs.items()}, "label": self.labels[rows]})
 
   def eval_batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
     """Every example exactly once; the last batch is padded and carries ``mask`` 0 on the padding."""
-    n = len(self)
-    for start in range(0, n, batch_size):
-      rows = np.arange(start, min(start + batch_size, n))
-      pad = batch_size - len(rows)
-      mask = np.concatenate([np.ones(len(rows), np.float32), np.zeros(pad, np.float32)])
-      rows = np.concatenate([rows, np.zeros(pad, np.int64)])
+    for rows, mask in eval_rows(len(self), batch_size):
       yield self._trim({**{k: v[rows] for k, v in self.inputs.items()}, "label": self.labels[rows], "mask": mask})
 
   def _trim(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -79,7 +91,8 @@ class ArrayDataset:
 
 
 def build(cfg, model_cfg) -> tuple[ArrayDataset, ArrayDataset]:
-  """(train, eval) datasets for ``config.data``; text is tokenised with ``config.model``'s own tokenizer."""
+  """(train, eval) datasets for ``config.data``; text is tokenised with ``config.model``'s own tokenizer. Image
+  sources give ``images.ImageDataset`` (same interface, augmented per batch)."""
   if cfg.name == "digits":
     from transfer.data import digits
     return digits.load(resolution=cfg.resolution, per_class=cfg.get("train_per_class"),
@@ -100,5 +113,18 @@ def build(cfg, model_cfg) -> tuple[ArrayDataset, ArrayDataset]:
     for split in splits:
       split.pad_to_multiple_of = multiple
     return splits
-  raise ValueError(f"config.data.name: unknown dataset {cfg.name!r}; available: ['digits', 'text_files', "
-                   f"'tfds_text']")
+  if cfg.name in IMAGE_SOURCES:
+    from transfer.data import images
+    return images.load(cfg)
+  raise ValueError(f"config.data.name: unknown dataset {cfg.name!r}; available: "
+                   f"{sorted(['digits', 'text_files', 'tfds_text', *IMAGE_SOURCES])}")
+
+
+def typical_image_side(cfg) -> int:
+  """The training images' median shorter side before any resizing: what the auto rule picks a resolution from."""
+  if cfg.name == "digits":
+    return 8
+  if cfg.name in IMAGE_SOURCES:
+    from transfer.data import images
+    return images.typical_short_side(images.sources(cfg)[0])
+  raise ValueError(f"config.data.resolution='auto' needs an image dataset; config.data.name={cfg.name!r} is not one")

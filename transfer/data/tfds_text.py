@@ -55,7 +55,7 @@ def _text(value) -> str:
   return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-def _open(name: str, split: str, data_dir, download: bool):
+def open_source(name: str, split: str, data_dir, download: bool):
   """``tfds.data_source``, with its misleading failures ("splits is empty", tfrecord) explained."""
   import tensorflow_datasets as tfds
   from tensorflow_datasets.core import file_adapters
@@ -83,7 +83,7 @@ def _open(name: str, split: str, data_dir, download: bool):
     raise
 
 
-def _read(source, rows: np.ndarray, chunk: int = 4096) -> list[dict]:
+def read_records(source, rows: np.ndarray, chunk: int = 4096) -> list[dict]:
   """Batched reads, ~5x faster than one by one on array_record. TFDS 4.9.10's mock data source breaks
   ``__getitems__`` (an unbound partial: TypeError), so there records are read one by one."""
   out = []
@@ -101,11 +101,11 @@ def read_split(name: str, split: str, data_dir=None, download: bool = False, *, 
   """``(texts, pairs or None, labels, class names)``: int32 class ids, or for a regression task float32 scores and
   no class names. ``examples``: a fixed random subset, read alone."""
   t = task(name)
-  source = _open(name, split, data_dir, download)
+  source = open_source(name, split, data_dir, download)
   rows = np.arange(len(source))
   if examples:
     rows = np.sort(np.random.default_rng(seed).permutation(len(rows))[:examples])
-  records = _read(source, rows)
+  records = read_records(source, rows)
   texts = [_text(r[t.fields[0]]) for r in records]
   pairs = [_text(r[t.fields[1]]) for r in records] if len(t.fields) > 1 else None
   if t.regression:
