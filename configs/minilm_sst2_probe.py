@@ -16,7 +16,11 @@ from configs import minilm_sst2
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  c = minilm_sst2.get_config(arg)
+  return as_probe(minilm_sst2.get_config(arg))
+
+
+def as_probe(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A fine-tuning config turned into a linear probe: frozen encoder (features cached), head-only training."""
   c.param_rules = [("head/.*", dict(load=False, wd_mult=0.0)), ("backbone/.*", dict(freeze=True))]
   c.total_epochs = 10.0          # epochs over the cached features: cheap
   c.batch_size = 256
