@@ -10,7 +10,7 @@ checkpoint was trained for sentence embeddings. Reports accuracy on the 872-sent
 
 Expected (2 CPU cores): 640 training sentences, one pass, length 48 -> 0.77 dev accuracy in ~35 s;
 20,000 sentences (--config.data.train_examples=20000), one pass -> 0.873 in ~20 min. The full-data run (67k
-sentences, target >= 0.89 dev) has not been measured yet.
+sentences, --config.total_epochs=2) -> 0.893 dev accuracy (106 min while other jobs shared the cores).
 """
 import ml_collections
 
