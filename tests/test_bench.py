@@ -12,17 +12,20 @@ from conftest import ROOT
 
 
 # sizes: None = the workload's smallest default (what --quick picks); the heavy random-weight models (ResNet-50,
-# ViT-S/16: default 128 px) run at 64 px here to keep the smoke short.
+# ViT-S/16, BiT-R50x1: default 128 px) run at 64 px here to keep the smoke short.
 @pytest.mark.parametrize("model, classes, packages, sizes", [
     ("efficientnet-lite0", 10, ("torch", "efficientnet-lite-pytorch"), None),
     ("all-minilm-l6-v2", 2, ("torch", "transformers"), None),
     ("resnet50", 10, ("torch", "torchvision"), "64"),
     ("vit-s16", 10, ("torch", "timm"), "64"),
+    ("bit-r50x1", 10, ("torch", "timm"), "64"),
 ])
 def test_bench_quick_writes_every_row(tmp_path, model, classes, packages, sizes):
   out = tmp_path / "bench.json"
-  proc = subprocess.run([sys.executable, "experiments/bench_train_step.py", "--model", model, "--quick", "--out",
-                         str(out), *(["--sizes", sizes] if sizes else [])], cwd=ROOT,
+  # Batch 8, one warm-up and two timed steps: this checks the rows, not the speed (27 subprocesses in all).
+  proc = subprocess.run([sys.executable, "experiments/bench_train_step.py", "--model", model, "--quick", "--batch", "8",
+                         "--warmup", "1", "--steps", "2", "--out", str(out), *(["--sizes", sizes] if sizes else [])],
+                        cwd=ROOT,
                         env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
   result = json.loads(out.read_text())

@@ -13,7 +13,7 @@ from PIL import Image
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
-from conftest import ROOT, run_cli, tiny_config  # noqa: E402
+from conftest import ROOT, run_cli, shared_data, tiny_config  # noqa: E402
 from transfer import config_base, models, rules, train  # noqa: E402
 from transfer import metrics as metrics_lib  # noqa: E402
 from transfer.data import build, hyper_rule, image_folder, image_ops, images, mixup, tfds_image  # noqa: E402
@@ -21,7 +21,7 @@ from transfer.data import train_rows, typical_image_side  # noqa: E402
 from transfer.data.images import ImageDataset  # noqa: E402
 
 MOCK = dict(policy=tfds.testing.MockPolicy.USE_CODE)
-HYMENOPTERA = os.path.join(ROOT, "..", "shared", "data", "hymenoptera")
+HYMENOPTERA = shared_data("hymenoptera")
 FROZEN = [("head/.*", {}), ("backbone/.*", dict(freeze=True))]
 
 
@@ -116,7 +116,7 @@ def test_grey_and_rgba_become_rgb_and_big_images_shrink_once(tmp_path):
     assert images.decode_image(pixels, 64)[0].shape == (5, 7, 3)
 
 
-@pytest.mark.skipif(not os.path.isdir(HYMENOPTERA),
+@pytest.mark.skipif(HYMENOPTERA is None,
                     reason="../shared/data/hymenoptera is absent (the synthetic-folder tests run the same code)")
 def test_real_hymenoptera_folder(capsys):
   train_src, eval_src = image_folder.sources(data_config(HYMENOPTERA))

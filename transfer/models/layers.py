@@ -8,6 +8,13 @@ import jax.numpy as jnp
 from jax import lax
 
 
+def batch_norm_factory(*, train: bool, momentum: float, epsilon: float, dtype: Any):
+  """``name -> nn.BatchNorm`` with one family's settings: batch statistics in training, running averages
+  otherwise; computation in ``dtype``, scale, bias and statistics in float32 (they land in ``batch_stats``)."""
+  return lambda name: nn.BatchNorm(use_running_average=not train, momentum=momentum, epsilon=epsilon, dtype=dtype,
+                                   param_dtype=jnp.float32, name=name)
+
+
 def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
   """TF "SAME" padding of one spatial dimension: the odd pixel goes after (bottom/right)."""
   total = max((-(-size // stride) - 1) * stride + kernel - size, 0)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from transfer.convert import apply_key_table
 from transfer.models.keys import choose_layout, torch_batchnorm_rows, torch_conv_kernel, torch_linear_kernel
+from transfer.models.layers import batch_norm_factory
 
 # name -> block type and blocks per stage (torchvision's table).
 VARIANTS = {
@@ -57,8 +58,7 @@ class ResidualBlock(nn.Module):
       return nn.Conv(feats, (k, k), (stride, stride), padding=pad, use_bias=False, kernel_init=_conv_init,
                      dtype=self.dtype, param_dtype=jnp.float32, name=name)
 
-    bn = lambda name: nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum, epsilon=1e-5,
-                                   dtype=self.dtype, param_dtype=jnp.float32, name=name)
+    bn = batch_norm_factory(train=train, momentum=self.bn_momentum, epsilon=1e-5, dtype=self.dtype)
     out_ch = self.width * (BOTTLENECK_EXPANSION if self.bottleneck else 1)
     shortcut = x
     if self.bottleneck:
@@ -95,8 +95,7 @@ class ResNet(nn.Module):
     x = jnp.asarray(x, self.dtype)
     x = nn.Conv(STEM_WIDTH, (7, 7), (2, 2), padding=((3, 3), (3, 3)), use_bias=False,
                 kernel_init=_conv_init, dtype=self.dtype, param_dtype=jnp.float32, name='stem_conv')(x)
-    x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum, epsilon=1e-5, dtype=self.dtype,
-                     param_dtype=jnp.float32, name='stem_bn')(x)
+    x = batch_norm_factory(train=train, momentum=self.bn_momentum, epsilon=1e-5, dtype=self.dtype)('stem_bn')(x)
     x = nn.max_pool(nn.relu(x), (3, 3), (2, 2), padding=((1, 1), (1, 1)))
     total, i = sum(self.depths), 0
     for stage, (depth, width) in enumerate(zip(self.depths, STAGE_WIDTHS), start=1):
