@@ -7,7 +7,8 @@ ARGS: ``data=DIR`` the folder with ``train.tsv`` and ``test.tsv`` (header ``text
 split, on which this reports). The recipe is configs/minilm_sst2.py's (encoder at 0.005x the head's lr, mean
 pooling) with 128 tokens, since news items are title plus description (median ~41 tokens, 99th percentile ~120).
 
-Expected (2 CPU cores): see the README's text table (measured there, with wall time).
+Expected (2 CPU cores, measured): test accuracy 0.899 after the one epoch (313 steps of 32), 13.3 min in all.
+The frozen-encoder probe (configs/minilm_ag_news_probe.py) reaches 0.876.
 """
 import ml_collections
 
