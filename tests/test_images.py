@@ -14,9 +14,9 @@ from PIL import Image
 tfds = pytest.importorskip("tensorflow_datasets")
 
 from conftest import ROOT, run_cli, shared_data, tiny_config  # noqa: E402
-from transfer import config_base, models, rules, train  # noqa: E402
+from transfer import config_base, hyper_rule, models, rules, train  # noqa: E402
 from transfer import metrics as metrics_lib  # noqa: E402
-from transfer.data import build, hyper_rule, image_folder, image_ops, images, mixup, tfds_image  # noqa: E402
+from transfer.data import build, image_folder, image_ops, images, mixup, tfds_image  # noqa: E402
 from transfer.data import train_rows, typical_image_side  # noqa: E402
 from transfer.data.images import ImageDataset  # noqa: E402
 

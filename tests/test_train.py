@@ -173,6 +173,8 @@ TINY_ARGS = ["--config", "tests/tiny_config.py"]
 def test_sigkill_mid_training_then_resume_matches_uninterrupted_run(tmp_path):
   full = run_cli(TINY_ARGS + ["--workdir", str(tmp_path / "full")])
   assert full.returncode == 0, full.stderr[-3000:]
+  # No terminal here, so the progress bar is off and progress comes as lines, one per metrics row.
+  assert "step 1/8: train/loss" in full.stdout and "step 8/8: train/loss" in full.stdout, full.stdout[-3000:]
   # Killed right after the step-6 checkpoint was started (asynchronously): it may be half-written on disk.
   killed = run_cli(TINY_ARGS + ["--workdir", str(tmp_path / "resumed"), "--config.fault.kill_at_step=6"])
   assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]

@@ -6,7 +6,7 @@ from ml_collections import config_dict
 
 
 def auto_or(value) -> config_dict.FieldReference:
-  """A field that holds a number or 'auto' (filled in by the auto rule, ``transfer/data/hyper_rule.py``). Typed
+  """A field that holds a number or 'auto' (filled in by the auto rule, ``transfer/hyper_rule.py``). Typed
   ``object``, so the command line takes either: ``--config.data.resolution=128`` or ``=auto``."""
   return config_dict.FieldReference(value, field_type=object)
 

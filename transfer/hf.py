@@ -18,7 +18,9 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(?:/[\w.-]+)?")
 
 
-def _load_file(path: str) -> dict[str, np.ndarray]:
+def read_weights_file(path: str) -> dict[str, np.ndarray]:
+  """``{name: array}`` of one weight file: ``.safetensors`` by its own reader, anything else (``.bin``, ``.pth``)
+  through the restricted unpickler, which runs no pickled code."""
   if path.endswith(".safetensors"):
     import ml_dtypes  # noqa: F401  (registers bfloat16 & co. with numpy, which safetensors.numpy needs for them)
     from safetensors.numpy import load_file
@@ -43,7 +45,7 @@ def _load_sharded(index_path: str) -> dict[str, np.ndarray]:
     raise FileNotFoundError(f"{index_path} names shard(s) that are not in {folder}: {', '.join(missing_files)}")
   out: dict[str, np.ndarray] = {}
   for shard, keys in sorted(by_shard.items()):
-    tensors = _load_file(os.path.join(folder, shard))
+    tensors = read_weights_file(os.path.join(folder, shard))
     absent = sorted(set(keys) - set(tensors))
     unlisted = sorted(set(tensors) - set(keys))
     if absent or unlisted:
@@ -66,7 +68,7 @@ def read_folder(path: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
   for name in WEIGHT_FILES:
     file = os.path.join(path, name)
     if os.path.isfile(file):
-      return config, (_load_sharded(file) if name.endswith(".index.json") else _load_file(file))
+      return config, (_load_sharded(file) if name.endswith(".index.json") else read_weights_file(file))
   raise FileNotFoundError(f"{path}: no weights; looked for {', '.join(WEIGHT_FILES)}")
 
 

@@ -77,7 +77,7 @@ def read_checkpoint(path: str) -> dict[str, np.ndarray]:
     except ValueError as e:  # object arrays need pickle, which is refused
       raise ValueError(f"{path}: not a plain numeric .npz ({e})") from None
   from transfer import hf
-  return hf._load_file(path)   # the reader of Hugging Face folders' weight files: safetensors, else torch_pickle
+  return hf.read_weights_file(path)
 
 
 def convert_image_checkpoint(name: str, state: dict[str, np.ndarray], *, source_name: str) -> dict[str, np.ndarray]:

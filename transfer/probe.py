@@ -35,7 +35,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from transfer import config_base, data, models, pretrained, train
 from transfer import features as features_lib
-from transfer.data import hyper_rule
+from transfer import hyper_rule
 
 # Every method fits on standardised features: each dimension centred and scaled by its std over the training split
 # (no labels involved), so one L2 grid suits every backbone.

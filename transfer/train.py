@@ -20,11 +20,11 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from transfer import convert, data, models, optim, rules
+from transfer import convert, data, hyper_rule, models, optim, rules
 from transfer import features as features_lib
 from transfer import metrics as metrics_lib
 from transfer.checkpoint import Checkpointer
-from transfer.data import hyper_rule, mixup
+from transfer.data import mixup
 
 
 def log(msg: str) -> None:
@@ -193,7 +193,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) the job ``config`` describes in ``workdir``; returns the contents of results.json."""
   t_start = time.time()
   # ==============================================================================================================
-  # Setup: workdir and config. Fields left at 'auto' are filled in below (transfer/data/hyper_rule.py), on a
+  # Setup: workdir and config. Fields left at 'auto' are filled in below (transfer/hyper_rule.py), on a
   # copy, and config.json is written again with the picks.
   # ==============================================================================================================
   _check_workdir(workdir)
@@ -361,7 +361,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       row.update(eval_metrics or {})
       writer.write(step, row)
       metrics = {**metrics, **row}
-      bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k in ("train/loss", "eval/accuracy")})
+      shown = {k: f"{v:.4g}" for k, v in row.items() if k in ("train/loss", "eval/accuracy", "examples_per_sec")}
+      bar.set_postfix(shown)
+      if bar.disable:   # no terminal (a log file, a batch job): the same progress as lines
+        log(f"step {step}/{total_steps}: " + ", ".join(f"{k} {v}" for k, v in shown.items()))
       t_log, examples_since_log = time.time(), 0
     if (ckpt_every and step % ckpt_every == 0) or step == total_steps:
       ckpt.save(step, state, metrics=eval_metrics)

@@ -234,7 +234,7 @@ def load(cfg) -> tuple[ImageDataset, ImageDataset]:
   resolution = cfg.resolution
   if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1:
     raise ValueError(f"config.data.resolution={resolution!r}: expected a number of pixels ('auto' is resolved by "
-                     "the trainer: transfer.data.hyper_rule)")
+                     "the trainer: transfer.hyper_rule)")
   eval_crop = cfg.get("eval_crop", 0.875)
   if not 0.0 < eval_crop <= 1.0:
     raise ValueError(f"config.data.eval_crop={eval_crop}: must be in (0, 1]")
