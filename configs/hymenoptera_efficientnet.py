@@ -6,20 +6,21 @@
 
 A smoke run (seconds): add ``--config.data.resolution=64 --config.total_steps=3``.
 
-ARGS: ``mode`` = finetune (all weights train, the backbone at 0.3x the head's lr) or frozen (feature extraction: the
+ARGS: ``mode`` = finetune (all weights train, the backbone at 0.1x the head's lr), frozen (feature extraction: the
 backbone is frozen, its features of the evaluation view are extracted once and cached, only the new head trains)
 or scratch (the same network from random init, everything at the full lr: the baseline).
 
 Data: ``config.data.data_dir`` = ``../shared/data/hymenoptera`` (from the project root: ``train/`` and ``val/``,
 one folder per class). 244 training photos (``train/ants/imageNotFound.gif``, a placeholder, is skipped and
 reported; ``formica.jpeg`` loads) and 153 validation photos. The auto rule picks 224 px (median shorter side
-375 px), 500 steps of 32 (65 epochs) with 50 warmup steps, and no mixup (under 20,000 images).
+375 px), 25 warmup steps, and no mixup (under 20,000 images); steps are fixed at 250 below.
 
-Learning rates are the digits config's (``configs/digits_efficientnet.py``, swept there), not swept here.
-Expected: not yet measured. Reference: an ImageNet ResNet-18, fine-tuned or as a fixed feature extractor, reaches
-the mid 90s (%) on this validation set in PyTorch's transfer-learning tutorial. Cost estimate (not measured):
-fine-tuning at 224 px runs at about 9 images/s on 2 cores (the benchmark's 50/s at 96 px scaled by pixels), so
-about 30 minutes; frozen extracts 397 images' features once (seconds) and trains the head on them.
+Expected (validation accuracy, 2 CPU cores, measured; see the README's vision table): finetune 0.935 (0.954 at
+step 200) in 19.5 min at about 7 images/s; frozen 0.941 in 18 s (features once, then the head on the cache);
+scratch 0.765 in 18 min. The linear probe on the frozen features
+(``python -m transfer.probe --config configs/hymenoptera_efficientnet.py:mode=frozen``) gives 0.948 in 19 s.
+Reference: an ImageNet ResNet-18, fine-tuned or as a fixed feature extractor, reaches the mid 90s (%) on this
+validation set in PyTorch's transfer-learning tutorial.
 """
 import ml_collections
 
@@ -38,14 +39,19 @@ def get_config(arg: str = "mode=finetune") -> ml_collections.ConfigDict:
   c.data.data_dir = "../shared/data/hymenoptera"
   c.data.resolution = "auto"
   c.batch_size = 32
-  c.total_steps = "auto"
   c.mixup = "auto"
-  c.schedule.lr = 3e-3 if mode == "scratch" else 1e-2
+  # Not swept (the 153 validation photos are the only held-out set, and the figures reported on them). The first
+  # fine-tuning run used the digits config's lrs (head 1e-2, backbone 0.3x, AdamW) and stood at 0.614 validation
+  # accuracy after 100 steps: too hot for photos the ImageNet features already fit. This is the usual AdamW
+  # fine-tuning recipe instead: head 1e-3, backbone 0.1x. Scratch keeps digits' 3e-3 for the whole network.
+  c.schedule.lr = {"finetune": 1e-3, "frozen": 1e-2, "scratch": 3e-3}[mode]
+  # Half the auto rule's 500 steps (32 epochs of 244 photos; PyTorch's tutorial trains 25): a 2-core CPU budget.
+  c.total_steps = 250
   c.schedule.warmup_steps = "auto"
   c.optimizer.weight_decay = 1e-4
   c.param_rules = [
       ("head/.*", dict(load=False, wd_mult=0.0)),       # the new head: fresh (zero) init, full lr
-      ("backbone/.*", {"finetune": dict(lr_mult=0.3), "frozen": dict(freeze=True), "scratch": {}}[mode]),
+      ("backbone/.*", {"finetune": dict(lr_mult=0.1), "frozen": dict(freeze=True), "scratch": {}}[mode]),
   ]
   c.eval_every = 100               # validation accuracy through training, in metrics.jsonl
   c.checkpoint.every_steps = 0     # only the final checkpoint
