@@ -88,6 +88,34 @@ def test_feature_cache_matches_full_forward_and_is_reused(tmp_path, capsys):
     train.train(tiny_config(feature_cache="on"), str(tmp_path / "bad"))
 
 
+def test_feature_cache_key_follows_pixels_labels_and_batchnorm_statistics(tmp_path):
+  """The same config over changed files must not reuse stale features: an edited image, a photo moved to another
+  class (same count, other labels) and other BatchNorm statistics each give a new key; the unchanged run reuses."""
+  from transfer import features
+  from transfer.data import ArrayDataset
+  config = tiny_config()
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (12, 32, 32, 3), dtype=np.uint8)
+  labels = np.arange(12, dtype=np.int32) % 3
+
+  def reused(images, labels, batch_stats):
+    ds = ArrayDataset({"image": images}, labels, ["a", "b", "c"], "toy")
+    out = features.extract_or_reuse(config, str(tmp_path), params, batch_stats, {"train": ds}, None, batch_size=8)
+    return out["train"][1]
+
+  _, params, batch_stats, _ = train.init_variables(config, 3, {"image": images[:1]})
+  assert not reused(images, labels, batch_stats) and reused(images, labels, batch_stats)
+  moved = labels.copy()
+  moved[0] = 1
+  edited = images.copy()
+  edited[5, 0, 0, 0] ^= 1
+  shifted = jax.tree_util.tree_map(lambda v: v + 1.0, batch_stats)
+  assert not reused(images, moved, batch_stats)
+  assert not reused(edited, labels, batch_stats)
+  assert not reused(images, labels, shifted)
+  assert len(glob.glob(str(tmp_path / "features" / "*.npy"))) == 4
+
+
 def test_checkpoints_keep_last_and_best_and_resume_after_completion(tmp_path):
   # A frozen backbone with a fast head: eval accuracy moves between evaluations.
   config = tiny_config(total_steps=8, eval_every=2, param_rules=[("head/.*", {}), (".*", dict(freeze=True))])

@@ -257,3 +257,14 @@ def test_short_training_run_tiny_vit(tmp_path, capsys):
   rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
   assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3, 4, 5, 6]
   assert all(np.isfinite(r["train/loss"]) for r in rows if "train/loss" in r)
+
+
+def test_pooling_that_disagrees_with_the_checkpoint_names_the_setting(tmp_path):
+  """A mean-pooled checkpoint (no class token) under the default config.model.pooling='cls': the strict diff's
+  error ends by naming the setting to change, instead of only listing the missing class token."""
+  ref = _reference(8, 64, 2, 2, 32, "mean", seed=3)
+  np.savez(tmp_path / "gap.npz", **_google_npz(ref, big_vision=True))
+  config = tiny_config(**{"model.name": "vit-test8", "model.depth": None, "model.pretrained": str(tmp_path / "gap.npz"),
+                          "param_rules": [("head/.*", dict(load=False)), (".*", {})]})
+  with pytest.raises(ValueError, match=r"backbone/cls(.|\n)*has no class token .*set config.model.pooling='mean'"):
+    train.train(config, str(tmp_path / "run"))

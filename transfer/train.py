@@ -55,9 +55,20 @@ def init_variables(config: ml_collections.ConfigDict, num_classes: int, example:
   if config.model.get("pretrained"):
     from transfer.pretrained import load_pretrained
     _, pretrained = load_pretrained(config.model.pretrained, model=config.model.name)
-    flat_vars, report = convert.merge_pretrained(
-        flat_vars, rules.flatten(pretrained), should_load=optim.load_decider(config.param_rules),
-        source_name=f"config.model.pretrained={config.model.pretrained!r}")
+    flat_pretrained = rules.flatten(pretrained)
+    try:
+      flat_vars, report = convert.merge_pretrained(
+          flat_vars, flat_pretrained, should_load=optim.load_decider(config.param_rules),
+          source_name=f"config.model.pretrained={config.model.pretrained!r}")
+    except ValueError as e:
+      # A ViT checkpoint pools one way, the config another: the diff lists class-token and position-embedding
+      # paths; say which setting to change.
+      ckpt_cls, model_cls = ("params/backbone/cls" in f for f in (flat_pretrained, flat_vars))
+      if models.family(config.model.name) != "vit" or ckpt_cls == model_cls:
+        raise
+      raise ValueError(f"{e}\nconfig.model.pooling={config.model.get('pooling')!r}, but the checkpoint " + (
+          "has a class token: set config.model.pooling='cls'" if ckpt_cls else
+          "has no class token (it was trained with mean pooling): set config.model.pooling='mean'")) from None
     log(f"pretrained: loaded {len(report['loaded'])} tensors from {config.model.pretrained!r}; fresh: "
         f"{report['kept_init'] or 'none'}; checkpoint tensors not used: {len(report['dropped'])}")
   params = {k[len("params/"):]: v for k, v in flat_vars.items() if k.startswith("params/")}
