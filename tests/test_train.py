@@ -51,6 +51,18 @@ def test_outputs_and_frozen_backbone_stays_bit_identical(tmp_path):
   assert shapes <= {(), (1280, 10), (10,)}, shapes
 
 
+def test_batchnorm_statistics_follow_their_layers_rule(tmp_path, capsys):
+  """Fine-tuning with the stem frozen: the stem's BatchNorm statistics stay as initialised, bit for bit, while
+  the trained blocks' statistics move."""
+  config = tiny_config(param_rules=[("backbone/stem_.*", dict(freeze=True)), ("head/.*", {}), ("backbone/.*", {})])
+  train.train(config, str(tmp_path / "run"))
+  assert "2 of " in capsys.readouterr().out   # stem_bn's mean and var
+  stats = _leaves(restore_checkpoint(tmp_path / "run")["batch_stats"])
+  np.testing.assert_array_equal(stats["backbone/stem_bn/mean"], 0.0)
+  np.testing.assert_array_equal(stats["backbone/stem_bn/var"], 1.0)
+  assert np.abs(stats["backbone/block_0/dw_bn/mean"]).max() > 1e-3
+
+
 def test_same_seed_same_metrics_and_grad_accumulation(tmp_path):
   rules_frozen = [("head/.*", {}), ("backbone/.*", dict(freeze=True))]
   a = train.train(tiny_config(param_rules=rules_frozen), str(tmp_path / "a"))

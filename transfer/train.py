@@ -130,7 +130,8 @@ def cache_features(config, workdir: str, model, params: dict, batch_stats, train
 
 
 def make_steps(model, tx: optax.GradientTransformation, schedule: optax.Schedule, *, num_classes: int,
-               backbone_train: bool, accum: int = 1, smoothing: float = 0.0, regression: bool = False):
+               backbone_train: bool, accum: int = 1, smoothing: float = 0.0, regression: bool = False,
+               frozen_stats: frozenset = frozenset()):
   """(train_step, eval_step): pure functions of (state, batch) for the caller to jit with its shardings.
 
   Classification: softmax cross-entropy (``smoothing``: label smoothing) against ``label``: (B,) class ids, or
@@ -139,6 +140,8 @@ def make_steps(model, tx: optax.GradientTransformation, schedule: optax.Schedule
 
   ``state`` holds ``trainable`` and ``frozen`` params separately: only ``trainable`` is differentiated and frozen
   ones enter under ``stop_gradient``, so XLA drops every backward computation that only frozen weights need.
+  ``frozen_stats``: flat ``batch_stats`` paths whose running averages the step keeps (``optim.frozen_batch_stats``:
+  the statistics of frozen layers).
   """
 
   def loss_fn(trainable, frozen, batch_stats, batch, rng):
@@ -175,6 +178,9 @@ def make_steps(model, tx: optax.GradientTransformation, schedule: optax.Schedule
       (loss, grads, batch_stats), _ = jax.lax.scan(body, (0.0, zeros, state["batch_stats"]),
                                                    (jnp.arange(accum), micro))
       loss, grads = loss / accum, jax.tree.map(lambda g: g / accum, grads)
+    if frozen_stats:   # frozen layers keep their statistics (chosen per path at trace time)
+      old, new = rules.flatten(state["batch_stats"]), rules.flatten(batch_stats)
+      batch_stats = rules.unflatten({k: old[k] if k in frozen_stats else v for k, v in new.items()})
     updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
     new_state = {**state, "trainable": optax.apply_updates(state["trainable"], updates), "opt_state": opt_state,
                  "batch_stats": batch_stats, "step": state["step"] + 1}
@@ -286,7 +292,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # ==============================================================================================================
   specs, backbone_train, schedule, tx, state = init_optimization(config, model, params, batch_stats, dropout_rng,
                                                            total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+  stats_paths = list(rules.flatten(state["batch_stats"]))
+  frozen_stats = optim.frozen_batch_stats(specs, stats_paths) if backbone_train else frozenset()
   mode_note = f"; backbone in {'training' if backbone_train else 'inference'} mode"
+  if frozen_stats:
+    mode_note += f"; {len(frozen_stats)} of {len(stats_paths)} BatchNorm statistics frozen with their layers"
   if cached_backbone_params:
     mode_note = f" + {cached_backbone_params:,} frozen in the backbone, whose features are cached"
   log(f"trainable {optim.count(rules.flatten(state['trainable'])):,} / frozen "
@@ -297,7 +307,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # ==============================================================================================================
   train_step, eval_step = make_steps(model, tx, schedule, num_classes=num_classes, backbone_train=backbone_train,
                                      accum=accum, smoothing=float(config.get("label_smoothing", 0.0)),
-                                     regression=regression)
+                                     regression=regression, frozen_stats=frozen_stats)
   p_train_step = jax.jit(train_step, in_shardings=(replicated, sharded), out_shardings=(replicated, replicated),
                          donate_argnums=0)
   p_eval_step = jax.jit(eval_step, in_shardings=(replicated, sharded), out_shardings=replicated)
