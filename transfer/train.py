@@ -25,6 +25,7 @@ from transfer import features as features_lib
 from transfer import metrics as metrics_lib
 from transfer.checkpoint import Checkpointer
 from transfer.data import mixup
+from transfer.models import vit
 
 
 def log(msg: str) -> None:
@@ -47,28 +48,33 @@ def init_variables(config: ml_collections.ConfigDict, num_classes: int, example:
   in wherever the ``load`` rules allow (strict diff: see ``transfer.convert.merge_pretrained``).
 
   ``example`` is a batch (one row is enough) that fixes the input shapes."""
+  vit_model = models.family(config.model.name) == "vit"
+  if config.model.get("pretrained"):
+    from transfer.pretrained import load_pretrained
+    loaded, pretrained = load_pretrained(config.model.pretrained, model=config.model.name)
+    flat_pretrained = rules.flatten(pretrained)
+    if vit_model:
+      if loaded.backbone.pooling != config.model.get("pooling", "cls"):
+        raise ValueError(f"config.model.pooling={config.model.get('pooling')!r}, but config.model.pretrained="
+                         f"{config.model.pretrained!r} " + (
+                             "has a class token: set config.model.pooling='cls'" if loaded.backbone.pooling == "cls"
+                             else "has no class token (it was trained with mean pooling): set "
+                                  "config.model.pooling='mean'"))
+      if config.model.get("posemb_grid") is None:
+        # The table stays at the checkpoint's grid; each call resamples it to the input's, once.
+        config.model.posemb_grid = loaded.backbone.posemb_grid[0]
   model = models.build(config.model, num_classes)
   init_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(int(config.seed)))
   example = {k: v[:1] for k, v in example.items() if k not in ("label", "mask")}
   variables = jax.jit(lambda r: model.init(r, example, train=False))(init_rng)
   flat_vars = {k: np.asarray(v) for k, v in rules.flatten(variables).items()}
   if config.model.get("pretrained"):
-    from transfer.pretrained import load_pretrained
-    _, pretrained = load_pretrained(config.model.pretrained, model=config.model.name)
-    flat_pretrained = rules.flatten(pretrained)
-    try:
-      flat_vars, report = convert.merge_pretrained(
-          flat_vars, flat_pretrained, should_load=optim.load_decider(config.param_rules),
-          source_name=f"config.model.pretrained={config.model.pretrained!r}")
-    except ValueError as e:
-      # A ViT checkpoint pools one way, the config another: the diff lists class-token and position-embedding
-      # paths; say which setting to change.
-      ckpt_cls, model_cls = ("params/backbone/cls" in f for f in (flat_pretrained, flat_vars))
-      if models.family(config.model.name) != "vit" or ckpt_cls == model_cls:
-        raise
-      raise ValueError(f"{e}\nconfig.model.pooling={config.model.get('pooling')!r}, but the checkpoint " + (
-          "has a class token: set config.model.pooling='cls'" if ckpt_cls else
-          "has no class token (it was trained with mean pooling): set config.model.pooling='mean'")) from None
+    if vit_model:   # a config that sets another grid: the checkpoint's table resampled to it at load
+      flat_pretrained = vit.fit_checkpoint(flat_pretrained, {k: np.shape(v) for k, v in flat_vars.items()},
+                                           source_name=f"config.model.pretrained={config.model.pretrained!r}")
+    flat_vars, report = convert.merge_pretrained(
+        flat_vars, flat_pretrained, should_load=optim.load_decider(config.param_rules),
+        source_name=f"config.model.pretrained={config.model.pretrained!r}")
     log(f"pretrained: loaded {len(report['loaded'])} tensors from {config.model.pretrained!r}; fresh: "
         f"{report['kept_init'] or 'none'}; checkpoint tensors not used: {len(report['dropped'])}")
   params = {k[len("params/"):]: v for k, v in flat_vars.items() if k.startswith("params/")}
