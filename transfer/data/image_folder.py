@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from transfer.data import check_eval_is_not_train
+from transfer.data import warn_if_eval_is_train
 from transfer.data.images import ImageSource
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -46,7 +46,7 @@ def sources(cfg) -> tuple[ImageSource, ImageSource | None]:
   eval_dir = os.path.join(root, eval_name)
   if not os.path.isdir(eval_dir):
     raise FileNotFoundError(f"config.data.eval_split={eval_name!r}: there is no folder {eval_dir}")
-  check_eval_is_not_train(train_dir, eval_dir, "eval_split", paths=True)
+  warn_if_eval_is_train(train_dir, eval_dir, "eval_split", paths=True)
   train = listing(train_dir)
   return train, listing(eval_dir, train.class_names)
 

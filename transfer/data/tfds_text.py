@@ -10,7 +10,7 @@ import typing
 
 import numpy as np
 
-from transfer.data import ArrayDataset, check_eval_is_not_train
+from transfer.data import ArrayDataset, warn_if_eval_is_train
 
 
 class Task(typing.NamedTuple):
@@ -126,7 +126,7 @@ def load(cfg, tokenizer) -> tuple[ArrayDataset, ArrayDataset]:
     raise ValueError(f"config.data.task={wanted!r}, but {name} is a "
                      f"{'regression' if t.regression else 'classification'} task (leave it at 'auto')")
   splits = (("train", cfg.get("train_split") or t.train), ("eval", cfg.get("eval_split") or t.eval))
-  check_eval_is_not_train(splits[0][1], splits[1][1], "eval_split", paths=False)
+  warn_if_eval_is_train(splits[0][1], splits[1][1], "eval_split", paths=False)
   out = []
   for role, split in splits:
     texts, pairs, labels, class_names = read_split(
