@@ -118,6 +118,24 @@ def test_grey_and_rgba_become_rgb_and_big_images_shrink_once(tmp_path):
 
 @pytest.mark.skipif(HYMENOPTERA is None,
                     reason="../shared/data/hymenoptera is absent (the synthetic-folder tests run the same code)")
+def test_sixteen_bit_grey_is_rescaled_and_exif_orientation_applied(tmp_path):
+  levels = np.linspace(0, 65535, 24 * 30).reshape(24, 30).astype(np.uint16)
+  Image.fromarray(levels).save(tmp_path / "deep.png")                       # 16-bit grey PNG
+  pixels, mode = images.decode_image(str(tmp_path / "deep.png"), 64)
+  assert mode.startswith("I") and pixels.shape == (24, 30, 3)
+  np.testing.assert_allclose(pixels[..., 0], levels / 257.0, atol=0.51)    # not clipped at 255
+  assert (pixels[..., 0] == pixels[..., 2]).all() and 0 < np.median(pixels) < 255
+  # A landscape JPEG whose EXIF says "rotate 90 degrees clockwise to view" (orientation 6) comes out portrait.
+  wide = np.zeros((20, 40, 3), np.uint8)
+  wide[:, :20] = 255                                                         # left half white
+  exif = Image.Exif()
+  exif[0x0112] = 6
+  Image.fromarray(wide).save(tmp_path / "phone.jpg", exif=exif, quality=95)
+  upright, _ = images.decode_image(str(tmp_path / "phone.jpg"), 64)
+  assert upright.shape == (40, 20, 3)
+  assert upright[:15].mean() > 200 and upright[25:].mean() < 50           # the white half is now on top
+
+
 def test_real_hymenoptera_folder(capsys):
   train_src, eval_src = image_folder.sources(data_config(HYMENOPTERA))
   train = images.decode_source(train_src, 37, strict=False)
@@ -153,6 +171,29 @@ def test_folder_layout_errors(tmp_path):
     build(data_config(None, resolution=16), None)
   with pytest.raises(ValueError, match=r"config.data.resolution='auto': expected a number of pixels"):
     build(data_config(one, resolution="auto"), None)
+  # Split folders that are not train/: taken as classes they would mislabel everything, so they are refused.
+  renamed = write_folder(tmp_path / "renamed", splits=(("training", 2), ("val", 2)))
+  with pytest.raises(FileNotFoundError, match=r"no train/ folder, but it has val/.*config.data.train_split"):
+    build(data_config(renamed, resolution=16), None)
+  assert len(build(data_config(renamed, resolution=16, train_split="training"), None)[0]) == 4
+  with pytest.raises(FileNotFoundError, match=r"config.data.eval_split='val' is set.*config.data.train_split"):
+    build(data_config(tmp_path / "renamed" / "training", resolution=16, eval_split="val"), None)
+
+
+def test_evaluating_on_the_training_split_is_flagged(tmp_path, capsys):
+  from transfer.data import warn_if_eval_is_train
+  for train, evaluation in (("train", "train"), ("train", "train[80%:]"), ("train[:50%]", "train")):
+    assert warn_if_eval_is_train(train, evaluation, "eval_split", paths=False)
+  assert f"warning: config.data.eval_split='train[80%:]' is or contains the training data ('train')" in \
+      capsys.readouterr().out
+  for train, evaluation in (("train", "test"), ("train[:80%]", "train[80%:]")):
+    assert not warn_if_eval_is_train(train, evaluation, "eval_split", paths=False)
+  assert warn_if_eval_is_train("a.npz", "a/../a.npz", "eval_file", paths=True)
+  assert not warn_if_eval_is_train("a.npz", "b.npz", "eval_file", paths=True)
+  capsys.readouterr()
+  root = write_folder(tmp_path / "same")
+  build(data_config(root, resolution=16, eval_split="train"), None)      # allowed, and said
+  assert "config.data.eval_split=" in capsys.readouterr().out
 
 
 def test_held_out_fraction_is_stratified_fixed_by_split_seed(tmp_path):
@@ -170,6 +211,13 @@ def test_held_out_fraction_is_stratified_fixed_by_split_seed(tmp_path):
   assert np.bincount(two.labels).tolist() == [2, 2, 2] and set(image_bytes(two)) < set(image_bytes(four))
   with pytest.raises(ValueError, match=r"config.data.train_per_class=8: must be between 1 and 7"):
     build(data_config(root, resolution=16, test_fraction=0.3, train_per_class=8), None)
+  # A class too small for the fraction would vanish from training: refused, naming the field.
+  rare = write_folder(tmp_path / "rare", splits=(("", 1),), classes=("x",))
+  write_folder(tmp_path / "rare_more", splits=(("", 9),), classes=("y", "z"))
+  for name in ("y", "z"):
+    (tmp_path / "rare_more" / name).rename(rare / name)
+  with pytest.raises(ValueError, match=r"config.data.test_fraction=0.5 holds out every image of class id\(s\) \[0\]"):
+    build(data_config(rare, resolution=16, test_fraction=0.5, split_seed=0), None)
 
 
 # ------------------------------------------------------------------------------------------------------------------

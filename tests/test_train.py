@@ -51,6 +51,18 @@ def test_outputs_and_frozen_backbone_stays_bit_identical(tmp_path):
   assert shapes <= {(), (1280, 10), (10,)}, shapes
 
 
+def test_batchnorm_statistics_follow_their_layers_rule(tmp_path, capsys):
+  """Fine-tuning with the stem frozen: the stem's BatchNorm statistics stay as initialised, bit for bit, while
+  the trained blocks' statistics move."""
+  config = tiny_config(param_rules=[("backbone/stem_.*", dict(freeze=True)), ("head/.*", {}), ("backbone/.*", {})])
+  train.train(config, str(tmp_path / "run"))
+  assert "2 of " in capsys.readouterr().out   # stem_bn's mean and var
+  stats = _leaves(restore_checkpoint(tmp_path / "run")["batch_stats"])
+  np.testing.assert_array_equal(stats["backbone/stem_bn/mean"], 0.0)
+  np.testing.assert_array_equal(stats["backbone/stem_bn/var"], 1.0)
+  assert np.abs(stats["backbone/block_0/dw_bn/mean"]).max() > 1e-3
+
+
 def test_same_seed_same_metrics_and_grad_accumulation(tmp_path):
   rules_frozen = [("head/.*", {}), ("backbone/.*", dict(freeze=True))]
   a = train.train(tiny_config(param_rules=rules_frozen), str(tmp_path / "a"))
@@ -86,6 +98,34 @@ def test_feature_cache_matches_full_forward_and_is_reused(tmp_path, capsys):
   assert again["eval/accuracy"] == cached["eval/accuracy"]
   with pytest.raises(ValueError, match="feature_cache='on' needs a fixed backbone"):
     train.train(tiny_config(feature_cache="on"), str(tmp_path / "bad"))
+
+
+def test_feature_cache_key_follows_pixels_labels_and_batchnorm_statistics(tmp_path):
+  """The same config over changed files must not reuse stale features: an edited image, a photo moved to another
+  class (same count, other labels) and other BatchNorm statistics each give a new key; the unchanged run reuses."""
+  from transfer import features
+  from transfer.data import ArrayDataset
+  config = tiny_config()
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (12, 32, 32, 3), dtype=np.uint8)
+  labels = np.arange(12, dtype=np.int32) % 3
+
+  def reused(images, labels, batch_stats):
+    ds = ArrayDataset({"image": images}, labels, ["a", "b", "c"], "toy")
+    out = features.extract_or_reuse(config, str(tmp_path), params, batch_stats, {"train": ds}, None, batch_size=8)
+    return out["train"][1]
+
+  _, params, batch_stats, _ = train.init_variables(config, 3, {"image": images[:1]})
+  assert not reused(images, labels, batch_stats) and reused(images, labels, batch_stats)
+  moved = labels.copy()
+  moved[0] = 1
+  edited = images.copy()
+  edited[5, 0, 0, 0] ^= 1
+  shifted = jax.tree_util.tree_map(lambda v: v + 1.0, batch_stats)
+  assert not reused(images, moved, batch_stats)
+  assert not reused(edited, labels, batch_stats)
+  assert not reused(images, labels, shifted)
+  assert len(glob.glob(str(tmp_path / "features" / "*.npy"))) == 4
 
 
 def test_checkpoints_keep_last_and_best_and_resume_after_completion(tmp_path):

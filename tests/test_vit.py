@@ -195,17 +195,31 @@ def test_new_resolution_at_run_time_matches_timm():
                              rtol=0, atol=TOL)
 
 
-def test_checkpoint_at_another_resolution_is_resampled_at_load(tmp_path):
-  """A vit-test8 checkpoint made at 48 px (grid 6) loads into the registry's 32 px model (grid 4)."""
+def test_checkpoint_at_another_resolution_keeps_its_grid_and_resamples_once_per_call(tmp_path):
+  """A vit-test8 checkpoint made at 48 px (grid 6, the registry's native size is 32 px = grid 4) loads with its
+  own 6x6 table, unresampled; on 32 px inputs the call resamples it once, as timm's model built for 32 px from
+  timm-resampled weights. A config may still ask for another stored grid: then the load resamples, once."""
   arch = (8, 64, 2, 2)
   ref = _reference(*arch, 48, "cls", seed=4)
   torch.save(ref.state_dict(), tmp_path / "vit48.pth")
   module, variables = pretrained.load_pretrained(str(tmp_path / "vit48.pth"), model="vit-test8")
+  assert module.backbone.posemb_grid == (6, 6)
+  np.testing.assert_array_equal(np.asarray(variables["params"]["backbone"]["pos_embedding"]),
+                                ref.pos_embed.detach().numpy())
   small = _timm_at(ref, arch, 32, "cls")
-  np.testing.assert_allclose(np.asarray(variables["params"]["backbone"]["pos_embedding"]),
-                             small.pos_embed.detach().numpy(), rtol=0, atol=RESAMPLE_TOL)
   x = images(3, 32, seed=4)
   np.testing.assert_allclose(_logits(module, variables, x), _ref_logits(small, x), rtol=0, atol=TOL)
+  # The trainer keeps the checkpoint's grid unless config.model.posemb_grid says otherwise.
+  base = {"model.name": "vit-test8", "model.depth": None, "model.pretrained": str(tmp_path / "vit48.pth"),
+          "param_rules": [("head/.*", dict(load=False)), (".*", {})]}
+  batch = {"image": images(1, 32)}
+  kept, params, _, _ = train.init_variables(tiny_config(**base), 10, batch)
+  assert kept.backbone.posemb_grid == (6, 6)
+  np.testing.assert_array_equal(params["backbone/pos_embedding"], ref.pos_embed.detach().numpy())
+  resampled, params, _, _ = train.init_variables(tiny_config(**base, **{"model.posemb_grid": 4}), 10, batch)
+  assert resampled.backbone.posemb_grid == (4, 4)
+  np.testing.assert_allclose(params["backbone/pos_embedding"], small.pos_embed.detach().numpy(), rtol=0,
+                             atol=RESAMPLE_TOL)
 
 
 def test_bad_input_names_the_arrays(tmp_path):
@@ -257,3 +271,15 @@ def test_short_training_run_tiny_vit(tmp_path, capsys):
   rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
   assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3, 4, 5, 6]
   assert all(np.isfinite(r["train/loss"]) for r in rows if "train/loss" in r)
+
+
+def test_pooling_that_disagrees_with_the_checkpoint_names_the_setting(tmp_path):
+  """A mean-pooled checkpoint (no class token) under the default config.model.pooling='cls': an error that names
+  the setting to change, not the shape mismatches it would cause."""
+  ref = _reference(8, 64, 2, 2, 32, "mean", seed=3)
+  np.savez(tmp_path / "gap.npz", **_google_npz(ref, big_vision=True))
+  config = tiny_config(**{"model.name": "vit-test8", "model.depth": None, "model.pretrained": str(tmp_path / "gap.npz"),
+                          "param_rules": [("head/.*", dict(load=False)), (".*", {})]})
+  with pytest.raises(ValueError, match=r"config.model.pooling='cls', but .*gap.npz' has no class token .*"
+                                       r"set config.model.pooling='mean'"):
+    train.train(config, str(tmp_path / "run"))

@@ -34,6 +34,9 @@ def base() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"                             # computation dtype: float32 or bfloat16
   c.model.pooling = "cls"    # text: 'cls' (BERT pooler), 'first' (first token) or 'mean' (masked mean)
   # ViT: 'cls' (class token) or 'mean' (no class token, mean of the patch tokens); it must match the checkpoint.
+  # ViT: side of the stored position-embedding table, in patches. None: the checkpoint's own grid (or the
+  # variant's native one from scratch); each call resamples it to the input's grid. A number resamples at load.
+  c.model.posemb_grid = config_dict.placeholder(int)
   c.model.architecture = config_dict.placeholder(str)   # text from scratch: a source whose config.json to use
 
   c.data = ml_collections.ConfigDict()

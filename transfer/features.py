@@ -2,8 +2,10 @@
 
 When every backbone parameter is frozen and the backbone runs in inference mode, it is a fixed function of the
 input, so running it every epoch is wasted work. The trainer then extracts the features of each split once (one
-forward pass), stores them under a key made of everything that determines them (model and data config, split and
-a digest of the backbone's weights), and trains the head alone on them. A second run with the same key reuses them.
+forward pass), stores them under a key made of everything that determines them (model and data config, split, a
+digest of the backbone's weights and BatchNorm statistics, and a digest of the split's decoded inputs and labels),
+and trains the head alone on them. A second run with the same key reuses them; an edited file, a photo moved to
+another class folder or a re-converted checkpoint gives a new key.
 """
 from __future__ import annotations
 
@@ -26,6 +28,18 @@ def digest(flat: dict[str, np.ndarray]) -> str:
   for name in sorted(flat):
     value = np.ascontiguousarray(flat[name])
     h.update(f"{name}:{value.shape}:{value.dtype}".encode())
+    h.update(value.tobytes())
+  return h.hexdigest()
+
+
+def data_digest(dataset) -> str:
+  """sha1 over a split's decoded inputs (images one by one, or the token arrays) and its labels, in row order:
+  the cache must not pair stored features with other rows or labels when the files behind a config change."""
+  h = hashlib.sha1()
+  rows = dataset.images if hasattr(dataset, "images") else [dataset.inputs[k] for k in sorted(dataset.inputs)]
+  for value in [*rows, dataset.labels]:
+    value = np.ascontiguousarray(value)
+    h.update(f"{value.shape}:{value.dtype}".encode())
     h.update(value.tobytes())
   return h.hexdigest()
 
@@ -67,16 +81,17 @@ def extract_or_reuse(config, workdir: str, params: dict, batch_stats, splits: di
   """``{split: (features (N, D), reused)}`` of the backbone in ``params`` (flat, inference mode) over each split.
 
   The one place both the trainer and ``transfer.probe`` get features from, so they share cache entries: directory
-  ``config.feature_cache_dir`` or ``WORKDIR/features``, key = model and data config, split, backbone digest."""
+  ``config.feature_cache_dir`` or ``WORKDIR/features``, key = model and data config, split, backbone digest
+  (parameters and BatchNorm statistics), data digest."""
   backbone = {p: v for p, v in params.items() if p.startswith("backbone/")}
   variables = {"params": rules.unflatten(backbone), "batch_stats": batch_stats}
   feature_model = models.build(config.model, None)   # the classifier without its head: pooled features
   apply_fn = jax.jit(lambda batch: feature_model.apply(variables, batch, train=False))
-  weights = digest(backbone)
+  weights = digest({**backbone, **{f"batch_stats/{k}": v for k, v in rules.flatten(batch_stats or {}).items()}})
   directory = config.get("feature_cache_dir") or os.path.join(workdir, "features")
   out = {}
   for split, ds in splits.items():
-    key = cache_key(config.model.to_dict(), config.data.to_dict(), split, weights)
+    key = cache_key(config.model.to_dict(), config.data.to_dict(), split, weights, data_digest(ds))
     feats, hit = cached(directory, key, lambda: extract(apply_fn, ds, batch_size, sharding, desc=f"features {split}"))
     print(f"features: {split} {feats.shape} {'reused from' if hit else 'extracted to'} {directory}/{key}.npy",
           flush=True)

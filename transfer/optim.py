@@ -95,6 +95,20 @@ def split_trainable(flat_params: Mapping[str, Any], specs: Mapping[str, ParamSpe
 # ----------------------------------------------------------------------------------------------------------------
 # Schedules.
 # ----------------------------------------------------------------------------------------------------------------
+def frozen_batch_stats(specs: Mapping[str, ParamSpec], stats_paths) -> frozenset[str]:
+  """The BatchNorm statistics (flat ``batch_stats`` paths, e.g. ``backbone/stem_bn/mean``) whose running averages
+  stay as loaded: those of layers whose every parameter (scale, bias) a rule freezes. So statistics follow their
+  layer's rule: a frozen stem keeps its ImageNet statistics while the blocks after it fine-tune. (A BatchNorm
+  without scale and bias has nothing to freeze: in training mode its statistics update.)"""
+  frozen = set()
+  for path in stats_paths:
+    layer = path.rsplit("/", 1)[0] + "/"
+    owned = [spec for p, spec in specs.items() if p.startswith(layer) and "/" not in p[len(layer):]]
+    if owned and all(spec.freeze for spec in owned):
+      frozen.add(path)
+  return frozenset(frozen)
+
+
 def steps_of(cfg, field: str, steps_per_epoch: int) -> int | None:
   """Reads ``cfg.<field>_steps`` or ``cfg.<field>_epochs`` (exactly one may be set)."""
   steps, epochs = cfg.get(f"{field}_steps"), cfg.get(f"{field}_epochs")

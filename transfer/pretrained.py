@@ -115,14 +115,13 @@ def load_pretrained(source: str, *, model: str | None = None):
                                       source_name=str(path))
   num_classes = flat["params/head/bias"].shape[0] if "params/head/bias" in flat else None
   cfg = {"name": name, "pretrained": source}
-  if family == "vit":   # the checkpoint says how it pools: a class token, or the mean of the patch tokens
+  if family == "vit":   # the checkpoint says how it pools (class token or mean) and its position grid
     cfg["pooling"] = "cls" if "params/backbone/cls" in flat else "mean"
+    cfg["posemb_grid"] = vit.checkpoint_grid(flat, source_name=str(path))
   module = models.build(ml_collections.ConfigDict(cfg), num_classes)
   example = models.example_batch(name)
   shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), example))
   expected = {k: np.zeros(v.shape, v.dtype) for k, v in rules.flatten(shapes).items()}
-  if family == "vit":   # position embeddings made for another resolution: resampled to the model's grid
-    flat = vit.fit_checkpoint(flat, {k: v.shape for k, v in expected.items()}, source_name=str(path))
   # The strict diff: every variable of the module is in the checkpoint and nothing else is.
   variables, _ = convert.merge_pretrained(expected, flat, should_load=lambda _: True, source_name=str(path))
   return module, rules.unflatten(variables)

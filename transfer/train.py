@@ -25,6 +25,7 @@ from transfer import features as features_lib
 from transfer import metrics as metrics_lib
 from transfer.checkpoint import Checkpointer
 from transfer.data import mixup
+from transfer.models import vit
 
 
 def log(msg: str) -> None:
@@ -47,16 +48,32 @@ def init_variables(config: ml_collections.ConfigDict, num_classes: int, example:
   in wherever the ``load`` rules allow (strict diff: see ``transfer.convert.merge_pretrained``).
 
   ``example`` is a batch (one row is enough) that fixes the input shapes."""
+  vit_model = models.family(config.model.name) == "vit"
+  if config.model.get("pretrained"):
+    from transfer.pretrained import load_pretrained
+    loaded, pretrained = load_pretrained(config.model.pretrained, model=config.model.name)
+    flat_pretrained = rules.flatten(pretrained)
+    if vit_model:
+      if loaded.backbone.pooling != config.model.get("pooling", "cls"):
+        raise ValueError(f"config.model.pooling={config.model.get('pooling')!r}, but config.model.pretrained="
+                         f"{config.model.pretrained!r} " + (
+                             "has a class token: set config.model.pooling='cls'" if loaded.backbone.pooling == "cls"
+                             else "has no class token (it was trained with mean pooling): set "
+                                  "config.model.pooling='mean'"))
+      if config.model.get("posemb_grid") is None:
+        # The table stays at the checkpoint's grid; each call resamples it to the input's, once.
+        config.model.posemb_grid = loaded.backbone.posemb_grid[0]
   model = models.build(config.model, num_classes)
   init_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(int(config.seed)))
   example = {k: v[:1] for k, v in example.items() if k not in ("label", "mask")}
   variables = jax.jit(lambda r: model.init(r, example, train=False))(init_rng)
   flat_vars = {k: np.asarray(v) for k, v in rules.flatten(variables).items()}
   if config.model.get("pretrained"):
-    from transfer.pretrained import load_pretrained
-    _, pretrained = load_pretrained(config.model.pretrained, model=config.model.name)
+    if vit_model:   # a config that sets another grid: the checkpoint's table resampled to it at load
+      flat_pretrained = vit.fit_checkpoint(flat_pretrained, {k: np.shape(v) for k, v in flat_vars.items()},
+                                           source_name=f"config.model.pretrained={config.model.pretrained!r}")
     flat_vars, report = convert.merge_pretrained(
-        flat_vars, rules.flatten(pretrained), should_load=optim.load_decider(config.param_rules),
+        flat_vars, flat_pretrained, should_load=optim.load_decider(config.param_rules),
         source_name=f"config.model.pretrained={config.model.pretrained!r}")
     log(f"pretrained: loaded {len(report['loaded'])} tensors from {config.model.pretrained!r}; fresh: "
         f"{report['kept_init'] or 'none'}; checkpoint tensors not used: {len(report['dropped'])}")
@@ -119,7 +136,8 @@ def cache_features(config, workdir: str, model, params: dict, batch_stats, train
 
 
 def make_steps(model, tx: optax.GradientTransformation, schedule: optax.Schedule, *, num_classes: int,
-               backbone_train: bool, accum: int = 1, smoothing: float = 0.0, regression: bool = False):
+               backbone_train: bool, accum: int = 1, smoothing: float = 0.0, regression: bool = False,
+               frozen_stats: frozenset = frozenset()):
   """(train_step, eval_step): pure functions of (state, batch) for the caller to jit with its shardings.
 
   Classification: softmax cross-entropy (``smoothing``: label smoothing) against ``label``: (B,) class ids, or
@@ -128,6 +146,8 @@ def make_steps(model, tx: optax.GradientTransformation, schedule: optax.Schedule
 
   ``state`` holds ``trainable`` and ``frozen`` params separately: only ``trainable`` is differentiated and frozen
   ones enter under ``stop_gradient``, so XLA drops every backward computation that only frozen weights need.
+  ``frozen_stats``: flat ``batch_stats`` paths whose running averages the step keeps (``optim.frozen_batch_stats``:
+  the statistics of frozen layers).
   """
 
   def loss_fn(trainable, frozen, batch_stats, batch, rng):
@@ -164,6 +184,9 @@ def make_steps(model, tx: optax.GradientTransformation, schedule: optax.Schedule
       (loss, grads, batch_stats), _ = jax.lax.scan(body, (0.0, zeros, state["batch_stats"]),
                                                    (jnp.arange(accum), micro))
       loss, grads = loss / accum, jax.tree.map(lambda g: g / accum, grads)
+    if frozen_stats:   # frozen layers keep their statistics (chosen per path at trace time)
+      old, new = rules.flatten(state["batch_stats"]), rules.flatten(batch_stats)
+      batch_stats = rules.unflatten({k: old[k] if k in frozen_stats else v for k, v in new.items()})
     updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
     new_state = {**state, "trainable": optax.apply_updates(state["trainable"], updates), "opt_state": opt_state,
                  "batch_stats": batch_stats, "step": state["step"] + 1}
@@ -275,7 +298,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # ==============================================================================================================
   specs, backbone_train, schedule, tx, state = init_optimization(config, model, params, batch_stats, dropout_rng,
                                                            total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+  stats_paths = list(rules.flatten(state["batch_stats"]))
+  frozen_stats = optim.frozen_batch_stats(specs, stats_paths) if backbone_train else frozenset()
   mode_note = f"; backbone in {'training' if backbone_train else 'inference'} mode"
+  if frozen_stats:
+    mode_note += f"; {len(frozen_stats)} of {len(stats_paths)} BatchNorm statistics frozen with their layers"
   if cached_backbone_params:
     mode_note = f" + {cached_backbone_params:,} frozen in the backbone, whose features are cached"
   log(f"trainable {optim.count(rules.flatten(state['trainable'])):,} / frozen "
@@ -286,7 +313,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # ==============================================================================================================
   train_step, eval_step = make_steps(model, tx, schedule, num_classes=num_classes, backbone_train=backbone_train,
                                      accum=accum, smoothing=float(config.get("label_smoothing", 0.0)),
-                                     regression=regression)
+                                     regression=regression, frozen_stats=frozen_stats)
   p_train_step = jax.jit(train_step, in_shardings=(replicated, sharded), out_shardings=(replicated, replicated),
                          donate_argnums=0)
   p_eval_step = jax.jit(eval_step, in_shardings=(replicated, sharded), out_shardings=replicated)

@@ -7,6 +7,7 @@ one would: the data position is the step number, saved with every checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Iterator
 
 import numpy as np
@@ -88,6 +89,24 @@ class ArrayDataset:
     longest = int(batch["attention_mask"].sum(1).max())
     keep = min(full, -(-max(longest, 1) // self.pad_to_multiple_of) * self.pad_to_multiple_of)
     return {k: (v[:, :keep] if k in TOKEN_INPUTS else v) for k, v in batch.items()}
+
+
+def warn_if_eval_is_train(train: str, evaluation: str, field: str, *, paths: bool) -> bool:
+  """Warns (and returns True) when the evaluation split (``config.data.FIELD``) is, or may contain, the training
+  split: files and folders (``paths``) by real path; TFDS split strings when equal, or with the same base split
+  when either is unsliced (``train`` vs ``train[80%:]``). A warning, not an error: evaluating on training data is
+  a fair check that a model can fit at all, but its accuracy must not be read as transfer."""
+  if not train or not evaluation:
+    return False   # an unset field has its own error where it is read
+  if paths:
+    same = os.path.realpath(train) == os.path.realpath(evaluation)
+  else:
+    same = train == evaluation or (train.split("[")[0] == evaluation.split("[")[0]
+                                   and ("[" not in train or "[" not in evaluation))
+  if same:
+    print(f"warning: config.data.{field}={evaluation!r} is or contains the training data ({train!r}): its "
+          "accuracy measures memorisation, not transfer", flush=True)
+  return same
 
 
 def build(cfg, model_cfg) -> tuple[ArrayDataset, ArrayDataset]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 
+from transfer.data import warn_if_eval_is_train
 from transfer.data.images import ImageSource
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -28,6 +29,15 @@ def sources(cfg) -> tuple[ImageSource, ImageSource | None]:
   if not os.path.isdir(train_dir):
     if cfg.get("train_split"):
       raise FileNotFoundError(f"config.data.train_split={cfg.train_split!r}: there is no folder {train_dir}")
+    # The single-folder layout: every subfolder is a class. A split folder here would become a class of its own
+    # and mislabel everything, so its presence (or a named eval split) asks for the training folder's name.
+    split_like = [e for e in EVAL_FOLDERS if os.path.isdir(os.path.join(root, e))]
+    if cfg.get("eval_split") or split_like:
+      raise FileNotFoundError(
+          f"config.data.data_dir={root!r} has no train/ folder, but " + (
+              f"config.data.eval_split={cfg.eval_split!r} is set" if cfg.get("eval_split") else
+              f"it has {split_like[0]}/, which would be taken for a class") +
+          ": name the training folder in config.data.train_split")
     return listing(root), None
   eval_name = cfg.get("eval_split") or next((e for e in EVAL_FOLDERS if os.path.isdir(os.path.join(root, e))), None)
   if eval_name is None:
@@ -36,6 +46,7 @@ def sources(cfg) -> tuple[ImageSource, ImageSource | None]:
   eval_dir = os.path.join(root, eval_name)
   if not os.path.isdir(eval_dir):
     raise FileNotFoundError(f"config.data.eval_split={eval_name!r}: there is no folder {eval_dir}")
+  warn_if_eval_is_train(train_dir, eval_dir, "eval_split", paths=True)
   train = listing(train_dir)
   return train, listing(eval_dir, train.class_names)
 

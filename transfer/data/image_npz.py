@@ -11,6 +11,7 @@ import zipfile
 
 import numpy as np
 
+from transfer.data import warn_if_eval_is_train
 from transfer.data.images import ImageSource
 
 LAYOUT = ("'image' (N, H, W, 3) uint8 (or grey (N, H, W) / (N, H, W, 1), RGBA (N, H, W, 4)), 'label' (N,) integer "
@@ -24,6 +25,7 @@ def sources(cfg) -> tuple[ImageSource, ImageSource | None]:
   train = read(cfg.train_file, "config.data.train_file")
   if not cfg.get("eval_file"):
     return train, None
+  warn_if_eval_is_train(cfg.train_file, cfg.eval_file, "eval_file", paths=True)
   return train, read(cfg.eval_file, "config.data.eval_file", train.class_names)
 
 

@@ -1,7 +1,8 @@
 """Per-image operations on uint8 pixels: colour conversion, a one-time shrink, and the crops batches are cut from.
 
-Crops are boxes on the stored image, resized to the training resolution in one PIL resample (antialiased when it
-shrinks), so a crop never goes through two interpolations.
+Images are shrunk once at load (``shrink``: shorter side to a bound a little above the training resolution, to
+keep memory small); crops are boxes on that stored image, each resized to the training resolution in one PIL
+resample (antialiased when it shrinks).
 """
 from __future__ import annotations
 
@@ -17,9 +18,19 @@ CROP_TRIES = 10
 
 def to_rgb(image: Image.Image) -> Image.Image:
   """Any PIL mode as RGB. Transparent pixels are laid over white: their own colour is undefined (often black),
-  and a cut-out photo or drawing is meant to be seen on a light page."""
+  and a cut-out photo or drawing is meant to be seen on a light page. 16-bit and 32-bit grey (``I;16``, ``I``,
+  ``F``; 16-bit PNGs and TIFFs) are rescaled from 0-65535 to 0-255 (PIL's own conversion clips them at 255,
+  which turns most pixels white); values already within 0-255 are kept."""
   if image.mode == "RGB":
     return image
+  if image.mode.startswith("I") or image.mode == "F":
+    grey = np.asarray(image, np.float64)
+    top = float(grey.max()) if grey.size else 0.0
+    if grey.min() < 0 or top > 65535:
+      raise ValueError(f"{image.mode} pixels from {grey.min():g} to {top:g}: not 8- or 16-bit grey levels")
+    if image.mode.startswith("I;16") or top > 255:
+      grey = grey * (255.0 / 65535.0)
+    return Image.fromarray(np.round(grey).astype(np.uint8), "L").convert("RGB")
   if "A" in image.getbands() or "transparency" in image.info:
     rgba = image.convert("RGBA")
     background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

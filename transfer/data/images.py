@@ -18,7 +18,7 @@ import math
 from typing import Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from transfer.data import eval_rows, image_ops, train_rows
 
@@ -128,6 +128,7 @@ def decode_image(raw: Raw, short_side: int) -> tuple[np.ndarray, str]:
   with image:
     mode = image.mode
     image.draft("RGB", (short_side, short_side))   # a JPEG decodes at the smallest 1/2^k scale still big enough
+    image = ImageOps.exif_transpose(image)          # a phone photo's EXIF orientation: upright, as viewers show it
     return np.asarray(image_ops.shrink(image_ops.to_rgb(image), short_side)), mode
 
 
@@ -196,7 +197,12 @@ def holdout_rows(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.nda
   order = np.random.default_rng([seed, HOLDOUT_STREAM]).permutation(n)
   order = order[np.argsort(labels[order], kind="stable")]
   held = np.sort(order[((np.arange(n_eval) + 0.5) * n / n_eval).astype(np.int64)])
-  return np.setdiff1d(np.arange(n), held), held
+  kept = np.setdiff1d(np.arange(n), held)
+  lost = sorted(set(labels[held].tolist()) - set(labels[kept].tolist()))
+  if lost:
+    raise ValueError(f"config.data.test_fraction={fraction} holds out every image of class id(s) {lost}: "
+                     "training would never see them; lower the fraction or add images")
+  return kept, held
 
 
 def subset_rows(labels: np.ndarray, *, per_class: int | None, examples: int | None, seed: int) -> np.ndarray:

@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from transfer.data import ArrayDataset
+from transfer.data import ArrayDataset, warn_if_eval_is_train
 
 
 def read_rows(path: str, fields: list[str]) -> list[tuple[int, list[str]]]:
@@ -70,6 +70,7 @@ def _score(value: str, where: str) -> float:
 def load(cfg, tokenizer) -> tuple[ArrayDataset, ArrayDataset]:
   """(train, eval) for ``config.data`` of kind ``text_files``; texts tokenised to ``cfg.max_length``."""
   fields = [cfg.text_field] + ([cfg.pair_field] if cfg.get("pair_field") else []) + [cfg.label_field]
+  warn_if_eval_is_train(cfg.train_file, cfg.eval_file, "eval_file", paths=True)
   splits = {"train": read_rows(cfg.train_file, fields), "eval": read_rows(cfg.eval_file, fields)}
   task = cfg.get("task", "auto")
   if task not in ("auto", "classification", "regression"):

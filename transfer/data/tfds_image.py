@@ -12,7 +12,7 @@ import typing
 
 import numpy as np
 
-from transfer.data import tfds_text
+from transfer.data import tfds_text, warn_if_eval_is_train
 from transfer.data.images import ImageSource
 
 READ_CHUNK = 256   # records decoded at full size at a time
@@ -45,8 +45,10 @@ def sources(cfg) -> tuple[ImageSource, ImageSource | None]:
   if not name:
     raise ValueError(f"config.data.tfds_name: set it to one of {sorted(DATASETS)}")
   d = dataset(name)
-  eval_split = cfg.get("eval_split") or d.eval
-  return (split_source(name, cfg.get("train_split") or d.train, cfg),
+  train_split, eval_split = cfg.get("train_split") or d.train, cfg.get("eval_split") or d.eval
+  if eval_split:
+    warn_if_eval_is_train(train_split, eval_split, "eval_split", paths=False)
+  return (split_source(name, train_split, cfg),
           split_source(name, eval_split, cfg) if eval_split else None)
 
 

@@ -10,7 +10,7 @@ import typing
 
 import numpy as np
 
-from transfer.data import ArrayDataset
+from transfer.data import ArrayDataset, warn_if_eval_is_train
 
 
 class Task(typing.NamedTuple):
@@ -125,8 +125,10 @@ def load(cfg, tokenizer) -> tuple[ArrayDataset, ArrayDataset]:
   if wanted != "auto" and wanted != ("regression" if t.regression else "classification"):
     raise ValueError(f"config.data.task={wanted!r}, but {name} is a "
                      f"{'regression' if t.regression else 'classification'} task (leave it at 'auto')")
+  splits = (("train", cfg.get("train_split") or t.train), ("eval", cfg.get("eval_split") or t.eval))
+  warn_if_eval_is_train(splits[0][1], splits[1][1], "eval_split", paths=False)
   out = []
-  for role, split in (("train", cfg.get("train_split") or t.train), ("eval", cfg.get("eval_split") or t.eval)):
+  for role, split in splits:
     texts, pairs, labels, class_names = read_split(
         name, split, cfg.get("data_dir"), cfg.get("download", False),
         examples=cfg.get("train_examples") if role == "train" else None, seed=cfg.get("split_seed", 0))

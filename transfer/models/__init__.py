@@ -81,7 +81,7 @@ def _image_backbone(fam: str, cfg, dtype):
                              drop_path=cfg.get("drop_path", 0.0), dtype=dtype)
   if fam == "vit":
     return vit.from_variant(cfg.name, pooling=cfg.get("pooling", "cls"), drop_path=cfg.get("drop_path", 0.0),
-                            dtype=dtype)
+                            posemb_grid=cfg.get("posemb_grid"), dtype=dtype)
   raise AssertionError(fam)
 
 

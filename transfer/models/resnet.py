@@ -80,8 +80,8 @@ class ResNet(nn.Module):
 
   ``depths``: blocks per stage; ``width`` scales the stages' channel counts, not the 64-channel stem (1.0 is the
   real network; tests use 0.25; timm's ``channels`` option builds the same narrow network). Block ``i`` of ``n``
-  uses stochastic depth ``drop_path * i / n``. ``dtype`` is the computation dtype; parameters and BatchNorm
-  statistics stay float32.
+  uses stochastic depth ``drop_path * i / (n - 1)`` (timm's linear rule: the last block drops at the full rate).
+  ``dtype`` is the computation dtype; parameters and BatchNorm statistics stay float32.
   """
   depths: tuple[int, ...]
   bottleneck: bool
@@ -101,7 +101,7 @@ class ResNet(nn.Module):
     for stage, (depth, width) in enumerate(zip(self.depths, STAGE_WIDTHS), start=1):
       for b in range(depth):
         x = ResidualBlock(scaled(width, self.width), 2 if (b == 0 and stage > 1) else 1, self.bottleneck,
-                          drop_path=self.drop_path * i / total, bn_momentum=self.bn_momentum, dtype=self.dtype,
+                          drop_path=self.drop_path * i / max(total - 1, 1), bn_momentum=self.bn_momentum, dtype=self.dtype,
                           name=f'stage{stage}_block{b}')(x, train=train)
         i += 1
     return jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(self.dtype)

@@ -102,7 +102,8 @@ class ResNetV2(nn.Module):
 
   ``depths``: units per stage (BiT's names number stages and units from 1, and so do the module names here:
   ``stage{s}_unit{u}``); ``width``: BiT's width factor (an integer for the released models; tests use other
-  depths and widths). Unit ``i`` of ``n`` uses stochastic depth ``drop_path * i / n``.
+  depths and widths). Unit ``i`` of ``n`` uses stochastic depth ``drop_path * i / (n - 1)``
+  (timm's linear rule: the last block drops at the full rate).
   """
   depths: tuple[int, ...]
   width: float = 1
@@ -118,7 +119,7 @@ class ResNetV2(nn.Module):
     for stage, (depth, width) in enumerate(zip(self.depths, STAGE_WIDTHS), start=1):
       for unit in range(1, depth + 1):
         x = PreActBottleneck(channels(width, self.width), 2 if (unit == 1 and stage > 1) else 1, unit == 1,
-                             drop_path=self.drop_path * i / total, dtype=self.dtype,
+                             drop_path=self.drop_path * i / max(total - 1, 1), dtype=self.dtype,
                              name=f'stage{stage}_unit{unit}')(x, train=train)
         i += 1
     x = nn.relu(_group_norm('norm', self.dtype)(x))

@@ -6,10 +6,12 @@ self-attention, an MLP with exact GELU), a final LayerNorm, then the class token
 the patch tokens ('mean' pooling, a model without class token: big_vision's 'gap', timm's ``class_token=False,
 global_pool='avg', fc_norm=False``). Inputs are NHWC images scaled to [-1, 1].
 
-Position embeddings are stored for ``posemb_grid`` (the variant's native resolution / patch). An input of another
-size is run with them resampled bilinearly to its grid (the class token's entry kept apart), at every call, as
-timm does when it loads a checkpoint into a model of another size; a checkpoint made at another resolution is
-resampled the same way once, at load (``fit_checkpoint``). Attention parameters use Google's layout (separate
+Position embeddings are stored for ``posemb_grid``: a loaded checkpoint's own grid (``checkpoint_grid``), else the
+variant's native resolution / patch. An input of another size is run with them resampled bilinearly to its grid
+(the class token's entry kept apart), once per call, as timm does when it loads a checkpoint into a model of
+another size; so a 384 px checkpoint fine-tuned at 224 px is interpolated once, never twice. A config that asks
+for another stored grid (``config.model.posemb_grid``) has the checkpoint resampled once, at load
+(``fit_checkpoint``). Attention parameters use Google's layout (separate
 query/key/value kernels of shape (D, heads, D / heads), an output kernel (heads, D / heads, D)); timm's fused
 ``qkv`` is split on conversion.
 """
@@ -128,11 +130,27 @@ class ViT(nn.Module):
     return x[:, 0] if prefix else jnp.mean(x.astype(jnp.float32), axis=1).astype(self.dtype)
 
 
-def from_variant(name: str, *, pooling: str = 'cls', drop_path: float = 0.0, dtype=jnp.float32) -> ViT:
+def from_variant(name: str, *, pooling: str = 'cls', drop_path: float = 0.0, posemb_grid: int | None = None,
+                 dtype=jnp.float32) -> ViT:
+  """The registry's ``name``; ``posemb_grid``: the side of the stored position-embedding table (default: the
+  variant's native resolution / patch; a loaded checkpoint's own grid, so it is never resampled at load)."""
   v = VARIANTS[name]
-  grid = v['resolution'] // v['patch']
+  grid = posemb_grid or v['resolution'] // v['patch']
+  if grid < 1:
+    raise ValueError(f"config.model.posemb_grid={posemb_grid}: must be a positive number of patches per side")
   return ViT(v['patch'], v['dim'], v['depth'], v['heads'], v['mlp_dim'], (grid, grid), pooling=pooling,
              drop_path=drop_path, dtype=dtype)
+
+
+def checkpoint_grid(flat: dict, *, source_name: str) -> int:
+  """The side of a converted checkpoint's position-embedding grid (its class-token entry, if any, set apart)."""
+  have = flat[_B + 'pos_embedding']
+  prefix = 1 if _B + 'cls' in flat else 0
+  if prefix and math.isqrt(have.shape[1]) ** 2 == have.shape[1]:
+    raise ConversionError(f'{source_name}: position embeddings {_B}pos_embedding {have.shape} have no class-token '
+                          'entry but the checkpoint has a class token (a big_vision \'tok\' checkpoint?); not '
+                          'supported')
+  return _square_grid(have.shape[1] - prefix, f'{source_name}: {_B}pos_embedding {tuple(have.shape)}')[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------
