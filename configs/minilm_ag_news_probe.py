@@ -5,7 +5,8 @@
 ARGS as configs/minilm_ag_news.py (``data=DIR``); the probe recipe of configs/minilm_sst2_probe.py: the encoder
 runs once over the training and test texts, the features are cached in ``WORKDIR/features``, only the head trains.
 
-Expected (2 CPU cores): see the README's text table (measured there, with wall time).
+Expected (2 CPU cores, measured): 0.876 test accuracy, 22 min (while other jobs shared the cores), nearly all
+of it the one forward pass over 17,601 texts at length <= 128.
 """
 import ml_collections
 
