@@ -20,7 +20,7 @@ timm = pytest.importorskip("timm")
 
 import jax  # noqa: E402
 
-from conftest import tiny_config  # noqa: E402
+from conftest import run_cli, tiny_config  # noqa: E402
 from torch_refs import images, numpy_state, randomize_norms, torch_input  # noqa: E402
 from transfer import models, pretrained, rules, train  # noqa: E402
 from transfer.convert import ConversionError  # noqa: E402
@@ -283,3 +283,28 @@ def test_pooling_that_disagrees_with_the_checkpoint_names_the_setting(tmp_path):
   with pytest.raises(ValueError, match=r"config.model.pooling='cls', but .*gap.npz' has no class token .*"
                                        r"set config.model.pooling='mean'"):
     train.train(config, str(tmp_path / "run"))
+
+
+def test_input_normalisation_per_checkpoint(tmp_path):
+  """config.model.input_norm: 'auto' is the family's convention ([-1, 1] for ViT); 'imagenet' (DeiT, DINO) and
+  explicit [mean, std] reach the classifier; a malformed value names the field."""
+  build = lambda norm: models.build(ml_collections.ConfigDict({"name": "vit-test8", "input_norm": norm}), 3)
+  assert (build("auto").input_mean, build("auto").input_std) == (127.5, 127.5)
+  imagenet = build("imagenet")
+  assert imagenet.input_mean == (123.675, 116.28, 103.53) and imagenet.input_std == (58.395, 57.12, 57.375)
+  custom = build([[100, 110, 120], 64])
+  assert custom.input_mean == (100.0, 110.0, 120.0) and custom.input_std == 64.0
+  # The normalisation changes the features: same weights, other convention, other output (no head: features).
+  features = lambda norm: models.build(ml_collections.ConfigDict({"name": "vit-test8", "input_norm": norm}), None)
+  x = {"image": images(2, 32)}
+  variables = features("auto").init(jax.random.PRNGKey(0), x)
+  assert not np.allclose(features("auto").apply(variables, x), features("imagenet").apply(variables, x), atol=1e-3)
+  for bad in ("caffe", [1, 2, 3], [[1, 2], 3], [0, 0], 5, [True, 1]):
+    with pytest.raises(ValueError, match=r"config\.model\.input_norm="):
+      build(bad)
+  # From the command line, a name or a pair.
+  out = run_cli(["--config", "tests/tiny_config.py", "--workdir", str(tmp_path / "w"),
+                 "--config.model.input_norm=imagenet", "--config.total_steps=3"])
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert json.load(open(tmp_path / "w" / "config.json"))["model"]["input_norm"] == "imagenet"
+  assert build("[[100, 110, 120], 64]").input_mean == (100.0, 110.0, 120.0)   # as the command line passes it

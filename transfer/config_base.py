@@ -32,6 +32,10 @@ def base() -> ml_collections.ConfigDict:
   # 'auto' (= 'train' if some backbone parameter trains). A frozen backbone in inference mode is a fixed extractor.
   c.model.backbone_mode = "auto"
   c.model.dtype = "float32"                             # computation dtype: float32 or bfloat16
+  # Images: how pixels are normalised before the backbone. 'auto' = the family's usual checkpoints ([-1, 1] for
+  # EfficientNet-Lite, BiT and Google's ViTs; ImageNet mean/std for ResNets), 'imagenet', 'inception' ([-1, 1]),
+  # or [mean, std] in pixel units. Set 'imagenet' for DeiT or DINO ViT checkpoints.
+  c.model.input_norm = config_dict.FieldReference("auto", field_type=object)   # a name or a [mean, std] pair
   c.model.pooling = "cls"    # text: 'cls' (BERT pooler), 'first' (first token) or 'mean' (masked mean)
   # ViT: 'cls' (class token) or 'mean' (no class token, mean of the patch tokens); it must match the checkpoint.
   # ViT: side of the stored position-embedding table, in patches. None: the checkpoint's own grid (or the

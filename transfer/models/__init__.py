@@ -1,6 +1,8 @@
 """Model registry: config.model -> a Flax classifier, and the per-family facts the trainer needs."""
 from __future__ import annotations
 
+import ast
+
 import jax.numpy as jnp
 import numpy as np
 
@@ -22,6 +24,47 @@ INPUT_NORMALIZATION = {
     "bit": (127.5, 127.5),   # [-1, 1], as BiT was trained (timm's resnetv2_*_bit: mean = std = 0.5)
     "vit": (127.5, 127.5),   # [-1, 1], as Google's ViTs were trained (timm's augreg weights: mean = std = 0.5)
 }
+
+
+# config.model.input_norm by name: the two conventions checkpoints are trained with.
+NAMED_NORMALIZATIONS = {
+    "imagenet": ((123.675, 116.28, 103.53), (58.395, 57.12, 57.375)),   # DeiT, DINO, torchvision, most of timm
+    "inception": (127.5, 127.5),                                         # [-1, 1]: Google's ViT and BiT, TF lite
+}
+
+
+def input_normalization(fam: str, choice) -> tuple:
+  """``config.model.input_norm``: 'auto' (the family's usual checkpoints, ``INPUT_NORMALIZATION``), a name in
+  ``NAMED_NORMALIZATIONS``, or ``[mean, std]`` in pixel units (scalars or three per channel). A checkpoint trained
+  with another convention than its family's (DeiT or DINO ViTs: ImageNet mean/std) loads cleanly but gives
+  degraded features unless this says so."""
+  if choice in (None, "auto"):
+    return INPUT_NORMALIZATION[fam]
+  if isinstance(choice, str) and choice.strip()[:1] in "[(":   # from the command line: '[[124,116,104],[58,57,57]]'
+    try:
+      choice = ast.literal_eval(choice)
+    except (ValueError, SyntaxError):
+      pass   # the error below names the value
+  if isinstance(choice, str):
+    if choice not in NAMED_NORMALIZATIONS:
+      raise ValueError(f"config.model.input_norm={choice!r}: use 'auto', one of {sorted(NAMED_NORMALIZATIONS)}, "
+                       "or [mean, std] in pixel units")
+    return NAMED_NORMALIZATIONS[choice]
+
+  def numbers(part):
+    part = list(part) if isinstance(part, (list, tuple)) else [part]
+    if len(part) not in (1, 3) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in part):
+      raise TypeError
+    return tuple(float(v) for v in part) if len(part) == 3 else float(part[0])
+
+  try:
+    mean, std = (numbers(part) for part in choice)
+    if min(std if isinstance(std, tuple) else (std,)) <= 0:
+      raise TypeError
+  except (TypeError, ValueError):
+    raise ValueError(f"config.model.input_norm={choice!r}: expected [mean, std] in pixel units, each a number or "
+                     "three (one per RGB channel), std > 0") from None
+  return mean, std
 
 
 def family(name: str) -> str:
@@ -56,7 +99,7 @@ def build(cfg, num_classes: int | None):
     from transfer.models import bert
     return TextClassifier(backbone=bert.BertEncoder(bert_config(cfg), dtype=dtype), num_classes=num_classes,
                           pooling=cfg.get("pooling", "cls"), dropout=cfg.get("dropout", 0.1))
-  mean, std = INPUT_NORMALIZATION[fam]
+  mean, std = input_normalization(fam, cfg.get("input_norm", "auto"))
   return ImageClassifier(backbone=_image_backbone(fam, cfg, dtype), num_classes=num_classes,
                          dropout=cfg.get("dropout", 0.0), input_mean=mean, input_std=std)
 
