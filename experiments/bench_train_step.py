@@ -246,30 +246,24 @@ class MiniLM:
                       {"attn_implementation": model.config._attn_implementation})
 
 
-class ResNet50:
-  """Image transfer, ResNet family: torchvision's ResNet-50 (v1.5) at random weights, a new 10-class head.
-
-  No ResNet weights are on disk (and nothing is downloaded), so both sides start from the PyTorch reference's
-  seeded random init (``reference``): the JAX side loads it from a ``.pth`` through ``load_pretrained``, the real
-  conversion path. Speed does not depend on the values."""
-  name = "resnet50"
+class RandomImageWorkload:
+  """What the random-weight image workloads share: a fixed uint8 batch, the trainer's fields, the seeded PyTorch
+  reference (``build_reference``, after ``torch.manual_seed``) and its timed forward, normalised on the PyTorch
+  side with the same mean and std the Flax classifier uses (checked in ``jax_config``: the PyTorch child cannot
+  import transfer, which would load JAX). A subclass names the model and says where its head is."""
   size_unit, default_sizes = "px", (128,)
-  num_classes, dropout = 10, 0.0    # torchvision's ResNet has no dropout before its fc
-  bn_momentum = 0.9                 # PyTorch's BatchNorm momentum 0.1
+  num_classes, dropout = 10, 0.0
   random_weights = True
   frameworks = {"jax": "JAX", "torch": "PyTorch (NCHW)", "torch-cl": "PyTorch (channels_last)"}
   ratio_notes = {"torch": "NCHW", "torch-cl": "CL"}
-  packages = ("torchvision",)
-  torch_imports = ("torchvision",)
-  # ImageNet's channel mean and std in pixel units, as transfer.models.INPUT_NORMALIZATION["resnet"] (checked in
-  # jax_config: the PyTorch child cannot import transfer, which would load JAX).
-  input_mean, input_std = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
+  model_fields: dict = {}            # extra config.model fields for the JAX side
+  size_note = "image resolution (px), square"
 
   def describe(self) -> dict:
-    return {"pretrained": None, "weights": f"random: torchvision resnet50 init after torch.manual_seed({SEED}), "
+    return {"pretrained": None, "weights": f"random: {self.reference_name} init after torch.manual_seed({SEED}), "
             "loaded by the JAX side from its state dict", "num_classes": self.num_classes, "dropout": self.dropout,
-            "size": "image resolution (px), square", "inputs": "random uint8 NHWC images, ImageNet mean/std",
-            "frameworks": self.frameworks, "pytorch_reference": "torchvision.models.resnet50"}
+            "size": self.size_note, "inputs": self.inputs_note, "frameworks": self.frameworks,
+            "pytorch_reference": self.reference_call, **self.model_fields}
 
   def batch(self, batch: int, size: int) -> dict:
     return _image_batch(batch, size, self.num_classes)
@@ -278,27 +272,51 @@ class ResNet50:
     from transfer import models
     assert models.INPUT_NORMALIZATION[models.family(self.name)] == (self.input_mean, self.input_std)
     config.model.name = self.name
-    config.model.dropout, config.model.drop_path, config.model.bn_momentum = self.dropout, 0.0, self.bn_momentum
+    config.model.dropout, config.model.drop_path = self.dropout, 0.0
+    for field, value in self.model_fields.items():
+      config.model[field] = value
     config.data.resolution = size
 
   def reference(self, size: int):
     """The seeded random PyTorch model: the same weights in every process that builds it."""
     import torch
-    import torchvision
     torch.manual_seed(SEED)
-    return torchvision.models.resnet50(num_classes=self.num_classes)
+    return self.build_reference()
 
   def torch_model(self, framework: str, size: int, inputs: dict) -> TorchModel:
     import torch
     memory_format = torch.channels_last if framework == "torch-cl" else torch.contiguous_format
     model = self.reference(size).to(memory_format=memory_format)
     images = _nchw(torch, inputs["image"], memory_format)
-    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (self.input_mean, self.input_std))
+    mean, std = (torch.tensor(v, dtype=torch.float32).reshape(-1, 1, 1) for v in (self.input_mean, self.input_std))
     forward = lambda: model(images.float().sub(mean).div(std))  # keeps the memory format
-    return TorchModel(model, model.fc, None, forward, {"channels_last": framework == "torch-cl"})
+    head, head_dropout, info = self.head_of(model)
+    return TorchModel(model, head, head_dropout, forward, {**info, "channels_last": framework == "torch-cl"})
 
 
-class ViTS16:
+class ResNet50(RandomImageWorkload):
+  """Image transfer, ResNet family: torchvision's ResNet-50 (v1.5) at random weights, a new 10-class head.
+
+  No ResNet weights are on disk (and nothing is downloaded), so both sides start from the PyTorch reference's
+  seeded random init (``reference``): the JAX side loads it from a ``.pth`` through ``load_pretrained``, the real
+  conversion path. Speed does not depend on the values. torchvision's ResNet has no dropout before its fc."""
+  name = "resnet50"
+  model_fields = {"bn_momentum": 0.9}   # PyTorch's BatchNorm momentum 0.1
+  packages = ("torchvision",)
+  torch_imports = ("torchvision",)
+  input_mean, input_std = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)   # ImageNet's, in pixel units
+  reference_name, reference_call = "torchvision resnet50", "torchvision.models.resnet50"
+  inputs_note = "random uint8 NHWC images, ImageNet mean/std"
+
+  def build_reference(self):
+    import torchvision
+    return torchvision.models.resnet50(num_classes=self.num_classes)
+
+  def head_of(self, model):
+    return model.fc, None, {}
+
+
+class ViTS16(RandomImageWorkload):
   """Image transfer, ViT family: ViT-S/16 (timm's ``vit_small_patch16_224``) at random weights, a new 10-class
   head on the class token.
 
@@ -306,98 +324,48 @@ class ViTS16:
   position embeddings and resample them to the input's grid at every call (the Flax ViT always does; timm with
   ``dynamic_img_size=True``), so they have the same parameters at any resolution; timm's ``img_size=RES`` instead
   would store a smaller table than the Flax model. The resampling differs in kind (timm bicubic with antialias,
-  Flax bilinear), a negligible share of the step."""
+  Flax bilinear), a negligible share of the step. timm's head_drop (drop_rate) defaults to 0; NCHW only."""
   name = "vit-s16"
-  size_unit, default_sizes = "px", (128,)
-  num_classes, dropout = 10, 0.0    # timm's head_drop (drop_rate) defaults to 0
-  random_weights = True
   frameworks = {"jax": "JAX", "torch": "PyTorch"}
   ratio_notes = {}
+  model_fields = {"pooling": "cls"}
   packages = ("timm", "torchvision")
   torch_imports = ("timm",)
   timm_name = "vit_small_patch16_224"
   input_mean, input_std = 127.5, 127.5   # [-1, 1], as transfer.models.INPUT_NORMALIZATION["vit"]
+  reference_name = f"timm {timm_name}"
+  reference_call = f"timm.create_model({timm_name!r}, dynamic_img_size=True)"
+  inputs_note = "random uint8 NHWC images scaled to [-1, 1]"
+  size_note = "image resolution (px), square; a multiple of the 16 px patch"
 
-  def describe(self) -> dict:
-    return {"pretrained": None, "weights": f"random: timm {self.timm_name} init after torch.manual_seed({SEED}), "
-            "loaded by the JAX side from its state dict", "num_classes": self.num_classes, "dropout": self.dropout,
-            "pooling": "cls", "size": "image resolution (px), square; a multiple of the 16 px patch",
-            "inputs": "random uint8 NHWC images scaled to [-1, 1]", "frameworks": self.frameworks,
-            "pytorch_reference": f"timm.create_model({self.timm_name!r}, dynamic_img_size=True)"}
-
-  def batch(self, batch: int, size: int) -> dict:
-    return _image_batch(batch, size, self.num_classes)
-
-  def jax_config(self, config, size: int) -> None:
-    from transfer import models
-    assert models.INPUT_NORMALIZATION[models.family(self.name)] == (self.input_mean, self.input_std)
-    config.model.name, config.model.pooling = self.name, "cls"
-    config.model.dropout, config.model.drop_path = self.dropout, 0.0
-    config.data.resolution = size
-
-  def reference(self, size: int):
-    """The seeded random PyTorch model: the same weights in every process that builds it."""
+  def build_reference(self):
     import timm
-    import torch
-    torch.manual_seed(SEED)
     return timm.create_model(self.timm_name, pretrained=False, num_classes=self.num_classes, drop_rate=self.dropout,
                              dynamic_img_size=True)
 
-  def torch_model(self, framework: str, size: int, inputs: dict) -> TorchModel:
-    import torch
-    model = self.reference(size)
-    images = _nchw(torch, inputs["image"], torch.contiguous_format)
-    forward = lambda: model(images.float().sub(self.input_mean).div(self.input_std))
-    return TorchModel(model, model.head, model.head_drop, forward,
-                      {"fused_attn": bool(getattr(model.blocks[0].attn, "fused_attn", False))})
+  def head_of(self, model):
+    return model.head, model.head_drop, {"fused_attn": bool(getattr(model.blocks[0].attn, "fused_attn", False))}
 
 
-class BiTR50x1:
+class BiTR50x1(RandomImageWorkload):
   """Image transfer, BiT family: ResNet v2 R50x1 (GroupNorm, weight-standardised convs; timm's
   ``resnetv2_50x1_bit``) at random weights, a new zero-initialised 10-class head.
 
   Random weights as for ResNet50. No BatchNorm, so train and eval mode differ only in dropout (none here)."""
   name = "bit-r50x1"
-  size_unit, default_sizes = "px", (128,)
-  num_classes, dropout = 10, 0.0
-  random_weights = True
-  frameworks = {"jax": "JAX", "torch": "PyTorch (NCHW)", "torch-cl": "PyTorch (channels_last)"}
-  ratio_notes = {"torch": "NCHW", "torch-cl": "CL"}
   packages = ("timm", "torchvision")
   torch_imports = ("timm",)
   timm_name = "resnetv2_50x1_bit"
   input_mean, input_std = 127.5, 127.5   # [-1, 1], as transfer.models.INPUT_NORMALIZATION["bit"]
+  reference_name, reference_call = f"timm {timm_name}", f"timm.create_model({timm_name!r})"
+  inputs_note = "random uint8 NHWC images scaled to [-1, 1]"
 
-  def describe(self) -> dict:
-    return {"pretrained": None, "weights": f"random: timm {self.timm_name} init after torch.manual_seed({SEED}), "
-            "loaded by the JAX side from its state dict", "num_classes": self.num_classes, "dropout": self.dropout,
-            "size": "image resolution (px), square", "inputs": "random uint8 NHWC images scaled to [-1, 1]",
-            "frameworks": self.frameworks, "pytorch_reference": f"timm.create_model({self.timm_name!r})"}
-
-  def batch(self, batch: int, size: int) -> dict:
-    return _image_batch(batch, size, self.num_classes)
-
-  def jax_config(self, config, size: int) -> None:
-    from transfer import models
-    assert models.INPUT_NORMALIZATION[models.family(self.name)] == (self.input_mean, self.input_std)
-    config.model.name = self.name
-    config.model.dropout, config.model.drop_path = self.dropout, 0.0
-    config.data.resolution = size
-
-  def reference(self, size: int):
-    """The seeded random PyTorch model: the same weights in every process that builds it."""
+  def build_reference(self):
     import timm
-    import torch
-    torch.manual_seed(SEED)
     return timm.create_model(self.timm_name, pretrained=False, num_classes=self.num_classes, drop_rate=self.dropout)
 
-  def torch_model(self, framework: str, size: int, inputs: dict) -> TorchModel:
-    import torch
-    memory_format = torch.channels_last if framework == "torch-cl" else torch.contiguous_format
-    model = self.reference(size).to(memory_format=memory_format)
-    images = _nchw(torch, inputs["image"], memory_format)
-    forward = lambda: model(images.float().sub(self.input_mean).div(self.input_std))
-    return TorchModel(model, model.head.fc, None, forward, {"channels_last": framework == "torch-cl"})
+  def head_of(self, model):
+    return model.head.fc, None, {}
 
 
 WORKLOADS = {w.name: w for w in (EfficientNetLite0(), MiniLM(), ResNet50(), ViTS16(), BiTR50x1())}
