@@ -7,6 +7,7 @@ reads it into ``(config dict, {name: numpy array})``. Weights may be safetensors
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from typing import Any
@@ -18,15 +19,129 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(?:/[\w.-]+)?")
 
 
-def read_weights_file(path: str) -> dict[str, np.ndarray]:
-  """``{name: array}`` of one weight file: ``.safetensors`` by its own reader, anything else (``.bin``, ``.pth``)
-  through the restricted unpickler, which runs no pickled code."""
+# safetensors dtype -> numpy dtype name (the ml_dtypes ones need that package, which ships with jax).
+SAFETENSORS_DTYPES = {
+    "BOOL": "bool", "U8": "uint8", "I8": "int8", "U16": "uint16", "I16": "int16", "U32": "uint32", "I32": "int32",
+    "U64": "uint64", "I64": "int64", "F16": "float16", "F32": "float32", "F64": "float64", "C64": "complex64",
+    "BF16": "bfloat16", "F8_E5M2": "float8_e5m2", "F8_E4M3": "float8_e4m3fn", "F8_E8M0": "float8_e8m0fnu",
+}
+MAX_SAFETENSORS_HEADER = 100_000_000  # the safetensors library's own cap on the JSON header
+
+
+def _safetensors_dtype(name: str) -> np.dtype:
+  numpy_name = SAFETENSORS_DTYPES[name]
+  if hasattr(np, numpy_name):  # safetensors is little-endian
+    return np.dtype("<" + np.dtype(numpy_name).str[1:])
+  import ml_dtypes
+  return np.dtype(getattr(ml_dtypes, numpy_name))
+
+
+def check_safetensors(path: str, max_tensor_bytes: int | None = None) -> tuple[int, dict[str, tuple]]:
+  """Validates a safetensors file's header against the file before anything it declares is allocated.
+
+  Returns ``(start of the data section, {name: (numpy dtype, shape, begin, end)})`` with offsets relative to that
+  start. Raises ValueError naming the file (and tensor) when the header length is past the file or above
+  MAX_SAFETENSORS_HEADER, the header is not a JSON object, a dtype is unknown, a tensor's byte range is outside the
+  data section or disagrees with its shape and dtype, tensors overlap or leave gaps (the format indexes every byte),
+  or a tensor or the data section exceeds the byte limit (``torch_pickle.tensor_byte_limit``).
+  """
+  from transfer.torch_pickle import tensor_byte_limit
+  limit = tensor_byte_limit(max_tensor_bytes)
+
+  def bad(message, name=None):
+    return ValueError(f"{path}: not a readable safetensors file: " + (f"tensor {name!r}: " if name else "") + message)
+
+  size = os.path.getsize(path)
+  with open(path, "rb") as f:
+    head = f.read(8)
+    if len(head) < 8:
+      raise bad(f"{size} bytes, too short for the 8-byte header length")
+    header_len = int.from_bytes(head, "little")
+    if header_len > size - 8:
+      raise bad(f"header length {header_len} runs past the end of the file ({size} bytes)")
+    if header_len > MAX_SAFETENSORS_HEADER:
+      raise bad(f"header length {header_len} is above the {MAX_SAFETENSORS_HEADER}-byte cap")
+    raw = f.read(header_len)
+
+  duplicates = []
+
+  def no_duplicates(pairs):  # json.loads would keep the last of two tensors with one name
+    keys = [k for k, _ in pairs]
+    duplicates.extend(k for k in set(keys) if keys.count(k) > 1)
+    return dict(pairs)
+
+  try:
+    header = json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates)
+  except (ValueError, RecursionError) as e:  # also UnicodeDecodeError, and ints longer than Python parses
+    raise bad(f"header is not JSON ({type(e).__name__}: {e})") from None
+  if duplicates:
+    raise bad(f"header names {sorted(duplicates)[:5]} more than once")
+  if not isinstance(header, dict):
+    raise bad(f"header is a JSON {type(header).__name__}, expected an object")
+  metadata = header.pop("__metadata__", None)
+  if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+    raise bad("__metadata__ is not an object of strings")
+  data_start = 8 + header_len
+  data_size = size - data_start
+  if data_size > limit:
+    raise bad(f"its data section of {data_size} bytes is above the limit of {limit} bytes (raise it with "
+              f"max_tensor_bytes= or $TRANSFER_MAX_TENSOR_BYTES if the file is trusted)")
+  tensors: dict[str, tuple] = {}
+  for name, info in header.items():
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+      raise bad("expected an object with dtype, shape and data_offsets", name)
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if dtype not in SAFETENSORS_DTYPES:
+      raise bad(f"unsupported dtype {dtype!r} (known: {', '.join(SAFETENSORS_DTYPES)})", name)
+    dims_ok = isinstance(shape, list) and len(shape) <= 64 and all(
+        type(n) is int and 0 <= n < 2**63 for n in shape)
+    if not dims_ok:
+      raise bad(f"shape {shape!r:.100} is not a list of at most 64 non-negative integers", name)
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(n) is int for n in offsets)):
+      raise bad(f"data_offsets {offsets!r:.100} is not [begin, end]", name)
+    begin, end = offsets
+    if not 0 <= begin <= end <= data_size:
+      raise bad(f"data_offsets [{begin}, {end}] are not within the data section of {data_size} bytes", name)
+    dt = _safetensors_dtype(dtype)
+    nbytes = math.prod(shape) * dt.itemsize
+    if nbytes != end - begin:
+      raise bad(f"shape {shape} of {dtype} needs {nbytes} bytes but data_offsets [{begin}, {end}] span "
+                f"{end - begin}", name)
+    tensors[name] = (dt, tuple(shape), begin, end)
+  covered = 0
+  for name, (_, _, begin, end) in sorted(tensors.items(), key=lambda item: item[1][2:]):
+    if begin != covered:
+      what = "overlaps the tensor before it" if begin < covered else f"leaves bytes [{covered}, {begin}) unused"
+      raise bad(f"data_offsets [{begin}, {end}] {what}", name)
+    covered = end
+  if covered != data_size:
+    raise bad(f"the tensors cover {covered} of the data section's {data_size} bytes")
+  return data_start, tensors
+
+
+def read_safetensors(path: str, max_tensor_bytes: int | None = None) -> dict[str, np.ndarray]:
+  """``{name: array}`` (writable copies) of a safetensors file, read only after ``check_safetensors`` passed."""
+  data_start, tensors = check_safetensors(path, max_tensor_bytes)
+  out = {}
+  with open(path, "rb") as f:
+    for name, (dt, shape, begin, end) in tensors.items():
+      array = np.empty(shape, dt)
+      f.seek(data_start + begin)
+      if f.readinto(array.reshape(-1).view(np.uint8)) != end - begin:
+        raise ValueError(f"{path}: tensor {name!r}: file ended early (changed while being read?)")
+      out[name] = array
+  return out
+
+
+def read_weights_file(path: str, *, max_tensor_bytes: int | None = None) -> dict[str, np.ndarray]:
+  """``{name: array}`` of one weight file: ``.safetensors`` after its header is validated, anything else
+  (``.bin``, ``.pth``) through the restricted unpickler, which runs no pickled code. Either refuses a malformed or
+  hostile file with a ValueError naming it before allocating what it declares; ``max_tensor_bytes`` caps tensor
+  sizes (default ``torch_pickle.tensor_byte_limit()``)."""
   if path.endswith(".safetensors"):
-    import ml_dtypes  # noqa: F401  (registers bfloat16 & co. with numpy, which safetensors.numpy needs for them)
-    from safetensors.numpy import load_file
-    return load_file(path)
+    return read_safetensors(path, max_tensor_bytes)
   from transfer import torch_pickle
-  return torch_pickle.load_state_dict(path)
+  return torch_pickle.load_state_dict(path, max_tensor_bytes=max_tensor_bytes)
 
 
 def _load_sharded(index_path: str) -> dict[str, np.ndarray]:

@@ -9,8 +9,13 @@ Both layouts written by torch.save are supported:
   * zip (torch >= 1.6): <prefix>/data.pkl plus one raw file per storage at <prefix>/data/<key>;
   * legacy (_use_new_zipfile_serialization=False): pickles magic, protocol, sys_info, the object, the storage keys,
     then each storage as an int64 little-endian element count followed by its bytes.
+
+A hostile file is refused before anything it declares is allocated: every storage must be present in the file at the
+size its record declares (zip entries are checked before they are inflated), no tensor may hold more elements than
+its storage, and no storage, tensor, or file total may exceed ``tensor_byte_limit()``.
 """
 import collections
+import math
 import os
 import pickle
 import zipfile
@@ -18,7 +23,16 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-__all__ = ["load", "load_state_dict", "UnsafePickleError"]
+__all__ = ["load", "load_state_dict", "UnsafePickleError", "MAX_TENSOR_BYTES", "tensor_byte_limit"]
+
+MAX_TENSOR_BYTES = 64 << 30
+"""Default cap on the tensor data one checkpoint file may make a reader allocate: each storage and each tensor, and
+the file's storages and tensors in total. $TRANSFER_MAX_TENSOR_BYTES or a ``max_tensor_bytes=`` argument overrides
+it (lower it when reading files from untrusted sources)."""
+LIMIT_ENV = "TRANSFER_MAX_TENSOR_BYTES"
+MAX_PICKLE_BYTES = 64 << 20
+"""Cap on a zip checkpoint's data.pkl, which holds only structure (names, shapes, storage keys): a state dict's is
+kilobytes, while a deflated one can declare gigabytes that zipfile would inflate."""
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL = 1001
@@ -40,6 +54,40 @@ class UnsafePickleError(ValueError):
 
 class _Bad(ValueError):
     """Internal: a format problem whose message is already readable."""
+
+
+def tensor_byte_limit(max_tensor_bytes: "int | None" = None) -> int:
+    """The byte cap in force: ``max_tensor_bytes`` if given, else $TRANSFER_MAX_TENSOR_BYTES, else MAX_TENSOR_BYTES
+    (read at call time, so a test or a caller can change either)."""
+    where = "max_tensor_bytes"
+    if max_tensor_bytes is None:
+        env = os.environ.get(LIMIT_ENV, "").strip()
+        if not env:
+            return MAX_TENSOR_BYTES
+        where = f"${LIMIT_ENV}"
+        try:
+            max_tensor_bytes = int(env)
+        except ValueError:
+            raise ValueError(f"{where}={env!r} is not a whole number of bytes") from None
+    if isinstance(max_tensor_bytes, bool) or not isinstance(max_tensor_bytes, int) or max_tensor_bytes <= 0:
+        raise ValueError(f"{where}={max_tensor_bytes!r}: expected a positive number of bytes")
+    return max_tensor_bytes
+
+
+class _Budget:
+    """Bytes a file may make us allocate, per item and in total; checked before each allocation."""
+
+    def __init__(self, limit: int, kind: str):
+        self.limit, self.kind, self.used = limit, kind, 0
+
+    def take(self, nbytes: int, what: str) -> None:
+        hint = (f"the limit is {self.limit} bytes; raise it with max_tensor_bytes= or ${LIMIT_ENV} if the file is "
+                "trusted")
+        if nbytes > self.limit:
+            raise _Bad(f"{what} would take {nbytes} bytes ({hint})")
+        if self.used + nbytes > self.limit:
+            raise _Bad(f"{what} would bring this file's {self.kind} to {self.used + nbytes} bytes ({hint})")
+        self.used += nbytes
 
 
 class _TorchType(NamedTuple):
@@ -74,23 +122,31 @@ class _Pending:
     def __setstate__(self, state):  # a BUILD opcode must not rewrite a validated placeholder
         raise _Bad("pickle tries to set state on a tensor")
 
-    def materialize(self, data: dict) -> np.ndarray:
+    def materialize(self, data: dict, name: str, budget: _Budget) -> np.ndarray:
         ref = self.storage
         flat = data[ref.key][ref.start:ref.start + ref.numel]
         if self.dtype is not None and self.dtype.dtype != ref.dtype:  # v3: untyped bytes + dtype
             dt = _np_dtype(self.dtype.dtype)
             if flat.dtype.itemsize != 1 or flat.size % dt.itemsize:
-                raise _Bad(f"cannot view a {ref.dtype} storage of {flat.size} elements as {dt}")
+                raise _Bad(f"tensor {name!r}: cannot view a {ref.dtype} storage of {flat.size} elements as {dt}")
             flat = flat.view(dt)
         size, stride, offset = tuple(self.size), tuple(self.stride), self.offset
         ints = all(isinstance(v, int) and v >= 0 for v in (offset, *size, *stride))
         if not ints or len(size) != len(stride):
-            raise _Bad(f"bad tensor geometry: offset={offset!r} size={size!r} stride={stride!r}")
-        if 0 in size:
+            raise _Bad(f"tensor {name!r}: bad geometry: offset={offset!r} size={size!r} stride={stride!r}")
+        numel = math.prod(size)
+        # A zero or overlapping stride can make a view far larger than its storage (torch's expand()); the copy we
+        # return would hold all of it. torch.save of a state dict never writes such views, a hostile file does.
+        if numel > flat.size:
+            raise _Bad(f"tensor {name!r} has {numel} elements (size={size}, stride={stride}) but its storage "
+                       f"{ref.key!r} holds {flat.size} {flat.dtype}: refusing a view larger than its storage")
+        budget.take(numel * flat.itemsize, f"tensor {name!r} ({numel} x {flat.dtype})")
+        if numel == 0:
             return np.zeros(size, flat.dtype)
         last = offset + sum((n - 1) * s for n, s in zip(size, stride))
         if last >= flat.size:  # as_strided does no bounds checking: never let a file make us read past the buffer
-            raise _Bad(f"tensor (offset={offset}, size={size}, stride={stride}) exceeds its storage of {flat.size}")
+            raise _Bad(f"tensor {name!r} (offset={offset}, size={size}, stride={stride}) exceeds its storage of "
+                       f"{flat.size}")
         view = np.lib.stride_tricks.as_strided(flat[offset:], size, [s * flat.itemsize for s in stride],
                                                writeable=False)
         return np.array(view, order="C", copy=True)
@@ -125,9 +181,9 @@ _ALLOWED: dict[tuple[str, str], Any] = {
 
 
 class _Unpickler(pickle.Unpickler):
-    def __init__(self, file, path, legacy):
+    def __init__(self, file, path, legacy, budget: _Budget):
         super().__init__(file)
-        self.path, self.legacy = path, legacy
+        self.path, self.legacy, self.budget = path, legacy, budget
         self.roots: dict[str, _StorageRef] = {}  # storage key -> (dtype, numel) of every root storage seen
 
     def find_class(self, module, name):
@@ -145,7 +201,13 @@ class _Unpickler(pickle.Unpickler):
         if not isinstance(storage_type, _TorchType) or not isinstance(numel, int) or numel < 0:
             raise _Bad(f"bad storage record {pid!r:.200}")
         key = key.decode("ascii") if isinstance(key, bytes) else str(key)
+        if key not in self.roots:  # checked before any of its bytes is read
+            self.budget.take(numel * _np_dtype(storage_type.dtype).itemsize,
+                             f"storage {key!r} ({numel} x {storage_type.dtype})")
         root = self.roots.setdefault(key, _StorageRef(key, storage_type.dtype, 0, numel))
+        if (root.dtype, root.numel) != (storage_type.dtype, numel):  # torch.save writes one record per storage
+            raise _Bad(f"storage {key!r} is declared as {root.numel} x {root.dtype} and as {numel} x "
+                       f"{storage_type.dtype}")
         view = pid[5] if self.legacy else None
         if view is None:
             return root
@@ -155,19 +217,27 @@ class _Unpickler(pickle.Unpickler):
         return _StorageRef(key, root.dtype, start, view_numel)
 
 
-def _resolve(obj, data, memo):
-    """Replace _Pending placeholders by arrays throughout (possibly cyclic) containers."""
-    if isinstance(obj, _Pending):
-        return obj.materialize(data)
+def _resolve(obj, data, memo, budget: _Budget, name: str = ""):
+    """Replace _Pending placeholders by arrays throughout (possibly cyclic) containers; ``name`` is obj's key path.
+
+    A tensor the pickle references many times (its memo makes that a few bytes each) is materialised once, as
+    torch.load returns one tensor object for it too."""
     if id(obj) in memo:
+        return memo[id(obj)][1]
+    if isinstance(obj, _Pending):
+        memo[id(obj)] = (obj, obj.materialize(data, name or "<top level>", budget))
         return memo[id(obj)][1]
     if isinstance(obj, (dict, list)):  # patched in place, which keeps OrderedDict._metadata and shared references
         memo[id(obj)] = (obj, obj)
-        for k in (list(obj) if isinstance(obj, dict) else range(len(obj))):
-            obj[k] = _resolve(obj[k], data, memo)
+        if isinstance(obj, dict):
+            for k in list(obj):
+                obj[k] = _resolve(obj[k], data, memo, budget, f"{name}/{k}" if name else str(k))
+        else:
+            for i in range(len(obj)):
+                obj[i] = _resolve(obj[i], data, memo, budget, f"{name}[{i}]")
         return obj
-    if isinstance(obj, tuple):
-        memo[id(obj)] = (obj, tuple(_resolve(v, data, memo) for v in obj))  # keep obj alive so its id stays unique
+    if isinstance(obj, tuple):  # keep obj alive in the memo so its id stays unique
+        memo[id(obj)] = (obj, tuple(_resolve(v, data, memo, budget, f"{name}[{i}]") for i, v in enumerate(obj)))
         return memo[id(obj)][1]
     return obj
 
@@ -179,27 +249,51 @@ def _read_storage(raw: bytes, ref: _StorageRef, what: str) -> np.ndarray:
     return np.frombuffer(raw, dt, count=ref.numel)
 
 
-def _load_zip(path, f):
+def _entry(zf: zipfile.ZipFile, name: str, max_bytes: int, what: str) -> zipfile.ZipInfo:
+    """The entry ``name``, refused if it declares more than ``max_bytes``: zipfile inflates up to the declared size,
+    so this bounds what reading it allocates (a few MB of deflated zeros can declare gigabytes)."""
+    info = zf.getinfo(name)
+    if info.file_size > max_bytes:
+        raise _Bad(f"archive entry {name} declares {info.file_size} bytes, more than {what} can hold ({max_bytes})")
+    return info
+
+
+def _load_zip(path, f, limit):
     try:
         zf = zipfile.ZipFile(f)
     except zipfile.BadZipFile as e:
         raise _Bad(f"truncated or corrupt zip archive ({e})") from e
     with zf:
-        pkls = [n for n in zf.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
+        names = set(zf.namelist())
+        pkls = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
         if len(pkls) != 1:
             raise _Bad(f"zip archive without a single <prefix>/data.pkl (entries: {zf.namelist()[:5]})")
         prefix = pkls[0][: -len("data.pkl")]
-        if prefix + "byteorder" in zf.namelist() and zf.read(prefix + "byteorder").strip() != b"little":
-            raise _Bad("big-endian checkpoints are not supported")
-        up = _Unpickler(zf.open(pkls[0]), path, legacy=False)
+        if prefix + "byteorder" in names:
+            _entry(zf, prefix + "byteorder", 16, "a byte-order tag")
+            if zf.read(prefix + "byteorder").strip() != b"little":
+                raise _Bad("big-endian checkpoints are not supported")
+        _entry(zf, pkls[0], MAX_PICKLE_BYTES, "a checkpoint's pickled structure")
+        up = _Unpickler(zf.open(pkls[0]), path, legacy=False, budget=_Budget(limit, "storages"))
         obj = up.load()
-        data = {k: _read_storage(zf.read(f"{prefix}data/{k}"), ref, f"storage {k}") for k, ref in up.roots.items()}
+        data = {}
+        for k, ref in up.roots.items():
+            name, expected = f"{prefix}data/{k}", ref.numel * _np_dtype(ref.dtype).itemsize
+            if name not in names:
+                raise _Bad(f"storage {k} is referenced but the archive has no entry {name} (truncated?)")
+            if (declared := zf.getinfo(name).file_size) != expected:  # torch writes exactly numel x itemsize
+                raise _Bad(f"archive entry {name} declares {declared} bytes but its storage record expects "
+                           f"{ref.numel} x {ref.dtype} = {expected} (truncated or tampered)")
+            data[k] = _read_storage(zf.read(name), ref, f"storage {k}")
     return obj, data
 
 
-def _load_legacy(path, f):
+def _load_legacy(path, f, limit):
+    budget = _Budget(limit, "storages")
+    file_size = os.fstat(f.fileno()).st_size
+
     def plain():  # the small header/key pickles go through the same allow-list
-        return _Unpickler(f, path, legacy=True).load()
+        return _Unpickler(f, path, legacy=True, budget=budget).load()
 
     if plain() != _LEGACY_MAGIC:
         raise _Bad("invalid magic number")
@@ -207,7 +301,7 @@ def _load_legacy(path, f):
         raise _Bad(f"unsupported legacy protocol {proto!r}")
     if not plain().get("little_endian", True):
         raise _Bad("big-endian checkpoints are not supported")
-    up = _Unpickler(f, path, legacy=True)
+    up = _Unpickler(f, path, legacy=True, budget=budget)  # its storage records are checked against the limit
     obj = up.load()
     data = {}
     for key in plain():
@@ -216,28 +310,35 @@ def _load_legacy(path, f):
             raise _Bad(f"storage key {key!r} listed but never referenced")
         ref = up.roots[key]
         count = int.from_bytes(f.read(8), "little")
-        if count != ref.numel:
+        if count != ref.numel:  # ref.numel passed the limit, so count is within it too
             raise _Bad(f"storage {key}: file holds {count} elements, pickle expects {ref.numel} (truncated?)")
-        data[key] = _read_storage(f.read(count * _np_dtype(ref.dtype).itemsize), ref, f"storage {key}")
+        nbytes, left = count * _np_dtype(ref.dtype).itemsize, file_size - f.tell()
+        if nbytes > left:  # f.read(n) allocates n bytes before it finds out the file is shorter
+            raise _Bad(f"truncated: storage {key} needs {nbytes} bytes ({count} x {ref.dtype}) but the file has "
+                       f"{left} left")
+        data[key] = _read_storage(f.read(nbytes), ref, f"storage {key}")
     if missing := set(up.roots) - set(data):
         raise _Bad(f"storages {sorted(missing)[:5]} referenced but not stored")
     return obj, data
 
 
-def load(path) -> Any:
-    """Unpickle a torch.save file with tensors replaced by numpy arrays (copies, C-contiguous)."""
+def load(path, *, max_tensor_bytes: "int | None" = None) -> Any:
+    """Unpickle a torch.save file with tensors replaced by numpy arrays (copies, C-contiguous).
+
+    ``max_tensor_bytes`` caps each storage and tensor and their totals (default: ``tensor_byte_limit()``)."""
     path = os.fspath(path)
+    limit = tensor_byte_limit(max_tensor_bytes)
     with open(path, "rb") as f:
         head = f.read(512)
         f.seek(0)
         try:
             if head.startswith(b"PK\x03\x04"):
-                obj, data = _load_zip(path, f)
+                obj, data = _load_zip(path, f, limit)
             elif head[257:262] == b"ustar":
                 raise _Bad("pre-1.0 tar-format checkpoints are not supported")
             else:
-                obj, data = _load_legacy(path, f)
-            return _resolve(obj, data, {})
+                obj, data = _load_legacy(path, f, limit)
+            return _resolve(obj, data, {}, _Budget(limit, "tensors"))
         except UnsafePickleError:
             raise
         except _Bad as e:
@@ -251,9 +352,9 @@ def _arrays(d: dict) -> dict:
     return {k: v for k, v in d.items() if isinstance(v, np.ndarray)}
 
 
-def load_state_dict(path) -> dict[str, np.ndarray]:
+def load_state_dict(path, *, max_tensor_bytes: "int | None" = None) -> dict[str, np.ndarray]:
     """Flat name -> array dict of a checkpoint, unwrapping {'state_dict'|'model'|'model_state_dict': {...}}."""
-    top = load(path)
+    top = load(path, max_tensor_bytes=max_tensor_bytes)
     if isinstance(top, dict):
         nested = [k for k in _WELL_KNOWN_KEYS if isinstance(top.get(k), dict) and _arrays(top[k])]
         if _arrays(top) and not any(isinstance(v, dict) and _arrays(v) for v in top.values()):
