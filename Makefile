@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench bench-smoke clean
 
 $(VENV)/.base: setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -25,6 +25,11 @@ test: $(VENV)/.test
 
 bench: $(VENV)/.test
 	$(PY) experiments/bench_train_step.py --model all --out runs/bench_train_step.json
+
+# The benchmark script end to end for all five workloads at tiny sizes (rows and same-start checks, not speed);
+# `make test` runs this check for the cheapest workload only.
+bench-smoke: $(VENV)/.test
+	$(PY) -m pytest -q -ra --durations=10 tests/test_bench.py --bench-all
 
 clean:
 	rm -rf $(VENV) runs

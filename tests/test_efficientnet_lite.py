@@ -160,6 +160,20 @@ def test_converter_rejects_unknown_key():
     convert_torch_state_dict(state, source_name='lite0-with-se')
 
 
+def test_packaged_layout_is_the_tf_network():
+  """efficientnet_lite_pytorch's layout only holds the TF network: padding 'same' is inferred, 'symmetric' refused."""
+  import ml_collections
+  from transfer.models.efficientnet_lite import FAMILY, checkpoint_padding
+  state = _numpy_state(efficientnet_lite_pytorch.EfficientNet.from_name('efficientnet-lite0', num_classes=5))
+  assert checkpoint_padding(state, None) == checkpoint_padding(state, 'same') == 'same'
+  cfg = ml_collections.ConfigDict({'name': 'efficientnet-lite0'})
+  flat = FAMILY.convert(state, cfg=cfg, hf_config=None, source_name='lite0.pth')
+  assert cfg.padding == 'same' and flat['params/head/kernel'].shape == (1280, 5)
+  with pytest.raises(ValueError, match=r"config\.model\.padding='symmetric', but lite0\.pth is in "
+                                       r"efficientnet_lite_pytorch's layout, which only holds the TF network"):
+    checkpoint_padding(state, 'symmetric', source_name='lite0.pth')
+
+
 def _load_checkpoint(path):
   """Through the project's torch-free loader when it exists; torch.load otherwise."""
   try:

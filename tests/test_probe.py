@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+from PIL import Image
 from sklearn.linear_model import LogisticRegression, Ridge, RidgeClassifier
 from sklearn.neighbors import KNeighborsClassifier
 
@@ -139,16 +140,50 @@ def test_data_argument_maps_to_the_dataset_config(tmp_path):
   assert (len(train_ds), len(eval_ds), train_ds.num_outputs) == (16, 4, 2)
 
 
+def _config(argv):
+  args, overrides = probe.build_parser().parse_known_args(argv)
+  return probe.config_from_args(args, overrides)
+
+
+def _photo_folder(root):
+  """ROOT/{train,val}/{red,blue}/i.jpg: 100x120 photos, so the auto rule picks 224 px."""
+  rng = np.random.default_rng(0)
+  for split, n in (("train", 4), ("val", 2)):
+    for label, name in enumerate(("red", "blue")):
+      (root / split / name).mkdir(parents=True)
+      for i in range(n):
+        pixels = np.clip([[200, 60, 60], [60, 60, 200]][label] + rng.integers(-40, 40, (100, 120, 3)), 0, 255)
+        Image.fromarray(pixels.astype(np.uint8)).save(root / split / name / f"{i}.jpg")
+  return root
+
+
+def test_image_data_gets_the_auto_resolution_unless_one_is_set(tmp_path, capsys):
+  """A folder of photos, an .npz or a TFDS image dataset is probed at the trainer's auto resolution (224 px for
+  photos), not at the base config's small default; --resolution still decides; digits keep their 64 px. The
+  resolution used is printed either way."""
+  np.savez(tmp_path / "tiny.npz", image=np.zeros((4, 12, 12, 3), np.uint8), label=np.arange(4) % 2)
+  scratch = ["--scratch", "efficientnet-lite0", "--data"]
+  for spec in (str(tmp_path), str(tmp_path / "tiny.npz"), "tfds:cifar10"):
+    assert _config(scratch + [spec]).data.resolution == "auto", spec
+    assert _config(scratch + [spec, "--resolution", "96"]).data.resolution == 96, spec
+  assert _config(scratch + ["digits"]).data.resolution == probe.DIGITS_RESOLUTION == 64
+  photos = str(_photo_folder(tmp_path / "photos"))
+  config = _config(scratch + [photos])
+  probe.settle_resolution(config)
+  assert config.data.resolution == 224
+  assert "auto: data.resolution = 224 (training images' median shorter side 100 px >= 96)" in capsys.readouterr().out
+  config = _config(scratch + [photos, "--resolution", "40"])
+  probe.settle_resolution(config)
+  assert config.data.resolution == 40 and "data.resolution = 40 px (set" in capsys.readouterr().out
+
+
 def test_flags_and_a_frozen_training_config_give_the_same_cache_key():
   """--model/--data build the config a frozen training run of configs/digits_efficientnet.py has, so either one's
   cached features serve the other."""
-  def config(argv):
-    args, overrides = probe.build_parser().parse_known_args(argv)
-    return probe.config_from_args(args, overrides)
-  flags = config(["--model", "efficientnet-lite0", "--data", "digits"])
-  from_file = config(["--config", os.path.join(ROOT, "configs/digits_efficientnet.py:mode=frozen,per_class=0")])
+  flags = _config(["--model", "efficientnet-lite0", "--data", "digits"])
+  from_file = _config(["--config", os.path.join(ROOT, "configs/digits_efficientnet.py:mode=frozen,per_class=0")])
   assert flags.model.to_dict() == from_file.model.to_dict() and flags.data.to_dict() == from_file.data.to_dict()
-  tiny = config(TINY)
+  tiny = _config(TINY)
   assert tiny.model.to_dict() == tiny_config().model.to_dict() and tiny.data.to_dict() == tiny_config().data.to_dict()
 
 
@@ -160,6 +195,7 @@ def test_cli_table_json_and_feature_cache_shared_with_the_trainer(tmp_path, caps
   assert probe.main(TINY + ["--workdir", workdir, "--out", str(tmp_path / "a.json")]) == 0
   out = capsys.readouterr().out
   assert out.count("extracted to") == 2 and "features: train (100, 1280) extracted, eval (360, 1280) extracted" in out
+  assert "data.resolution = 32 px (set" in out and "on digits at 32 px, accuracy on the eval split" in out
   for method in ("ridge ", "logistic ", "1-shot ", "5-shot ", "10-shot ", "kNN "):
     assert f"\n{method}" in out, method
   assert "note: 25-shot skipped: the rarest class has 10 training examples" in out

@@ -1,8 +1,10 @@
 """Run outputs: ``metrics.jsonl`` (one JSON object per logged step) and TensorBoard event files; eval metrics."""
 from __future__ import annotations
 
+import errno
 import json
 import os
+from typing import Callable
 
 import numpy as np
 
@@ -31,14 +33,26 @@ def regression_metrics(predictions: np.ndarray, targets: np.ndarray) -> dict[str
 
 
 class MetricWriter:
+  """Appends rows to ``WORKDIR/metrics.jsonl`` (and TensorBoard). A resumed run first drops the rows after its
+  checkpoint (it logs those steps again) and a last line cut off by a kill or a full disk, with a message."""
 
-  def __init__(self, workdir: str, *, resume_step: int = 0):
+  def __init__(self, workdir: str, *, resume_step: int = 0, log: Callable[[str], None] = print):
     self.path = os.path.join(workdir, "metrics.jsonl")
-    if os.path.exists(self.path):  # a resumed run re-logs the steps after its checkpoint: drop their old lines
-      with open(self.path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
-      with open(self.path, "w") as f:
-        f.writelines(kept)
+    if os.path.exists(self.path):
+      rows, cut = _parse(self.path)
+      kept = [r for r in rows if r["step"] <= resume_step]
+      if cut is not None:
+        log(f"{self.path}: dropped its last line, cut off (by a kill or a full disk?): {cut[:80]!r}")
+      if cut is not None or len(kept) < len(rows) or not _ends_with_newline(self.path):
+        tmp = self.path + ".tmp"   # the old file stays whole until the new one is complete
+        try:
+          with open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+          os.replace(tmp, self.path)
+        except OSError as e:
+          if os.path.exists(tmp):
+            os.remove(tmp)
+          raise OSError(e.errno, f"cannot rewrite {self.path} for the resumed run: {e.strerror}") from None
     try:
       from tensorboardX import SummaryWriter
       self.tb = SummaryWriter(workdir, flush_secs=30)
@@ -47,8 +61,12 @@ class MetricWriter:
 
   def write(self, step: int, metrics: dict) -> None:
     row = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
-    with open(self.path, "a") as f:
-      f.write(json.dumps(row) + "\n")
+    try:
+      with open(self.path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    except OSError as e:
+      raise OSError(e.errno, f"cannot append step {int(step)} to {self.path}: {e.strerror}"
+                    + (" (the disk is full)" if e.errno == errno.ENOSPC else "")) from None
     if self.tb is not None:
       for k, v in metrics.items():
         self.tb.add_scalar(k, float(v), int(step))
@@ -58,6 +76,45 @@ class MetricWriter:
       self.tb.close()
 
 
+def _ends_with_newline(path: str) -> bool:
+  with open(path, "rb") as f:
+    size = f.seek(0, os.SEEK_END)
+    if not size:
+      return True
+    f.seek(size - 1)
+    return f.read(1) == b"\n"
+
+
+def _parse(path: str) -> tuple[list[dict], str | None]:
+  """(rows, the cut-off last line or None). A last line without its newline that is not a whole row was cut off
+  mid-write (so was trailing NUL padding, which some filesystems leave after a crash); a bad line before the last
+  is corruption: a ValueError naming the file and line."""
+  with open(path, "rb") as f:
+    data = f.read()
+  lines = data.split(b"\n")   # the last piece is b"" when the file ends with its newline
+  rows, cut = [], None
+  for number, raw in enumerate(lines, 1):
+    last = number == len(lines) or (number == len(lines) - 1 and not lines[-1].strip(b"\0 \t\r"))
+    text = raw.strip(b"\0 \t\r")
+    if not text:
+      if raw and last:   # NUL padding at the end
+        cut = raw.decode("utf-8", "replace")
+      continue
+    try:
+      row = json.loads(text)
+      if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+        raise ValueError("not a row with an integer 'step'")
+    except ValueError as e:
+      if last and number == len(lines):   # no newline after it: a write that never finished
+        cut = raw.decode("utf-8", "replace")
+        continue
+      reason = e.msg if isinstance(e, json.JSONDecodeError) else str(e)
+      raise ValueError(f"{path} line {number} is not a metrics row ({reason}): {raw[:80]!r}; fix or delete that "
+                       f"line") from None
+    rows.append(row)
+  return rows, cut
+
+
 def read(workdir: str) -> list[dict]:
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  """The rows of ``WORKDIR/metrics.jsonl`` (a last line cut off mid-write is left out)."""
+  return _parse(os.path.join(workdir, "metrics.jsonl"))[0]

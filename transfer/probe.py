@@ -1,5 +1,6 @@
 """How good are a backbone's frozen features? ``python -m transfer.probe --model SOURCE --data DATA``.
 
+  python -m transfer.probe --model efficientnet-lite0 --data ../shared/data/hymenoptera   # auto: 224 px photos
   python -m transfer.probe --model efficientnet-lite0 --data digits --resolution 64
   python -m transfer.probe --scratch efficientnet-lite0 --data digits       # the same network, random init
   python -m transfer.probe --config configs/digits_efficientnet.py:mode=frozen,per_class=0 [--config.FIELD=V]
@@ -56,14 +57,21 @@ PROBE_RULES = [("head/.*", dict(load=False))]
 # ================================================================================================================
 # The config: a training config file, or the base config with --model and --data.
 # ================================================================================================================
+# --data digits: its 8x8 images upsampled to 64 px, as configs/digits_efficientnet.py trains (so a probe and that
+# config's frozen run share features).
+DIGITS_RESOLUTION = 64
+
+
 def data_config(spec: str) -> ml_collections.ConfigDict:
   """``--data`` -> ``config.data``: the base config's data fields plus what ``spec`` names (``transfer.data.build``
   reads it): 'digits'; 'tfds:NAME', a TFDS text task or image dataset; a ``.npz`` file (arrays ``image`` and
-  ``label``; ``config.data.test_fraction`` held out); a folder of ``CLASS/*.jpg|png`` (or ``train/`` and ``val/``)."""
+  ``label``; ``config.data.test_fraction`` held out); a folder of ``CLASS/*.jpg|png`` (or ``train/`` and ``val/``).
+  Image sources take the resolution the auto rule picks from their images (``transfer.hyper_rule.resolution``:
+  224 px for photos), digits ``DIGITS_RESOLUTION``; ``--resolution`` overrides either."""
   from transfer.data import tfds_image, tfds_text
   c = config_base.base().data
   if spec == "digits":
-    c.name = "digits"
+    c.name, c.resolution = "digits", DIGITS_RESOLUTION
   elif spec.startswith("tfds:"):
     c.tfds_name = spec[len("tfds:"):]
     if c.tfds_name in tfds_text.TASKS:
@@ -81,6 +89,8 @@ def data_config(spec: str) -> ml_collections.ConfigDict:
     c.name, c.data_dir = "image_folder", spec
   else:
     raise ValueError(f"--data {spec!r}: not 'digits', 'tfds:NAME', a .npz file or an existing image folder")
+  if c.name in data.IMAGE_SOURCES:
+    c.resolution = hyper_rule.AUTO
   return c
 
 
@@ -307,12 +317,26 @@ def knn_predict(train_x: np.ndarray, train_labels: np.ndarray, eval_x: np.ndarra
 # ================================================================================================================
 # The probe: features, then every method on them.
 # ================================================================================================================
+def image_data(data_cfg) -> bool:
+  return data_cfg.name == "digits" or data_cfg.name in data.IMAGE_SOURCES
+
+
+def settle_resolution(config: ml_collections.ConfigDict) -> None:
+  """Image data: 'auto' becomes the trainer's pick (``hyper_rule.resolution``, printed with its reason), a set
+  value is checked and printed too, so the output always says the resolution the features come from."""
+  if not image_data(config.data):
+    return
+  chosen = config.data.resolution == hyper_rule.AUTO
+  hyper_rule.apply(config, "data.resolution", lambda: hyper_rule.resolution(data.typical_image_side(config.data)))
+  if not chosen:
+    print(f"data.resolution = {config.data.resolution} px (set; 'auto' picks it from the images)", flush=True)
+
+
 def features_for(config: ml_collections.ConfigDict, workdir: str, batch_size: int):
   """(train, eval) datasets and their backbone features from the trainer's cache, and whether each was reused."""
   if batch_size % jax.device_count():
     raise ValueError(f"--batch-size {batch_size} must be divisible by the {jax.device_count()} devices")
-  # As the trainer does, before the data config becomes part of the cache key.
-  hyper_rule.apply(config, "data.resolution", lambda: hyper_rule.resolution(data.typical_image_side(config.data)))
+  settle_resolution(config)   # as the trainer does, before the data config becomes part of the cache key
   train_ds, eval_ds = data.build(config.data, config.model)
   if train_ds.regression:
     raise ValueError(f"config.data: {train_ds.name} is a regression task; the probe measures class accuracy")
@@ -417,8 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "image folder")
   parser.add_argument("--config", help="configs/NAME.py[:ARGS]: model and data from a training config "
                                        "(--model/--data override them; --config.FIELD=V overrides fields)")
-  parser.add_argument("--resolution", help="image side in pixels, or 'auto' (the trainer's rule; default: the "
-                                           "config's, 64)")
+  parser.add_argument("--resolution", help="image side in pixels, or 'auto' (the trainer's rule, by the images' "
+                                           "size: 224 px for photos, 128 for small images). Default: 'auto' for "
+                                           "image folders, .npz and TFDS images; 64 for digits; --config's own")
   parser.add_argument("--workdir", default="runs/probe", help="holds the feature cache (WORKDIR/features)")
   parser.add_argument("--batch-size", type=int, help="feature-extraction batch (default config.eval_batch_size)")
   parser.add_argument("--seed", type=int, help="config.seed: a scratch backbone's init; also the validation split "
@@ -439,7 +464,9 @@ def main(argv=None) -> int:
   source = config.model.pretrained or f"random init, seed {config.seed}"
   feats = ", ".join(f"{split} {tuple(f['shape'])} {'reused' if f['reused'] else 'extracted'}"
                     for split, f in results["features"].items() if split != "seconds")
-  print(f"\n{config.model.name} ({source}) on {config.data.name}, accuracy on the eval split; features: {feats}\n")
+  at = f" at {config.data.resolution} px" if image_data(config.data) else ""
+  print(f"\n{config.model.name} ({source}) on {config.data.name}{at}, accuracy on the eval split; features: "
+        f"{feats}\n")
   print(table(results))
   out = args.out or os.path.join(args.workdir, "probe.json")
   with open(out, "w") as f:

@@ -53,8 +53,9 @@ def sources(cfg) -> tuple[ImageSource, ImageSource | None]:
 
 def listing(directory: str, class_names: list[str] | None = None) -> ImageSource:
   """The image files under ``directory/CLASS/``, sorted. ``class_names`` (an evaluation split): the training
-  classes, which fix the label ids; a class folder not among them is an error, a missing one is fine. A training
-  class folder without image files is an error: its class could never be learnt."""
+  classes, which fix the label ids; a class folder not among them is an error, a missing one is allowed (the loader
+  warns that the class goes unmeasured). A training class folder without image files is an error: its class could
+  never be learnt."""
   training = class_names is None
   entries = sorted(os.scandir(directory), key=lambda e: e.name)
   folders = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]

@@ -1,10 +1,12 @@
 """Image classification data: decoded once to a bounded size on the host, cropped and flipped per batch.
 
 Photos differ in size, so a split is a list of uint8 (H, W, 3) arrays whose shorter side is at most
-``ceil(resolution / eval_crop)`` (bigger ones are shrunk once, at load). Batches are cut at request time:
-training rows get a random crop and flip from a generator seeded by (seed, step, row), so batch ``s`` is a pure
-function of the seed and ``s`` and a resumed run sees the same batches; evaluation rows get the central crop, with
-no randomness. The model normalises pixels itself (uint8 in), so nothing here depends on the model.
+``ceil(resolution / eval_crop)`` (bigger ones are shrunk once, at load; a JPEG is decoded at reduced scale to begin
+with, and files of other formats far larger than needed are reported, since they can only be decoded whole).
+Batches are cut at request time: training rows get a random crop and flip from a generator seeded by (seed, step,
+row), so batch ``s`` is a pure function of the seed and ``s`` and a resumed run sees the same batches; evaluation
+rows get the central crop, with no randomness. The model normalises pixels itself (uint8 in), so nothing here
+depends on the model.
 
 Three sources give the same datasets: a folder of image files (``image_folder``), ``.npz`` arrays (``npz``) and
 TFDS datasets by name (``tfds_image``). Grey, palette and RGBA images become RGB; files that are not usable images
@@ -27,6 +29,9 @@ AUGMENT_STREAM = 0x637270   # keeps the crop generators apart from the data orde
 HOLDOUT_STREAM = 0x686F6C
 REPORT_FIRST = 5            # unusable files named in a report
 SURVEY_IMAGES = 32          # images measured for the auto rule's resolution
+# A file decoded with a shorter side this many times the one stored (64x the pixels) is reported: a JPEG only
+# when even its 1/8 draft is that large, other formats (decoded whole) whenever they are.
+OVERSIZE = 8
 # What PIL raises for a file that is not an image, is truncated or corrupt, or is too large to be safe.
 UNREADABLE = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
@@ -73,6 +78,7 @@ class ImageDataset:
   eval_crop: float = 0.875
 
   regression = False
+  task = "classification"
 
   def __post_init__(self):
     if not self.images:
@@ -122,24 +128,40 @@ class ImageDataset:
 # ----------------------------------------------------------------------------------------------------------------
 # Decoding: every source's images go through here.
 # ----------------------------------------------------------------------------------------------------------------
-def decode_image(raw: Raw, short_side: int) -> tuple[np.ndarray, str]:
-  """A path or decoded pixels -> (uint8 (H, W, 3) with shorter side at most ``short_side``, original mode)."""
+class DecodedImage(NamedTuple):
+  pixels: np.ndarray                 # uint8 (H, W, 3), shorter side at most the asked one
+  mode: str                          # the source's PIL mode
+  decoded_size: tuple[int, int]      # (width, height) the decoder produced: a JPEG's reduced draft, else full size
+
+
+def read_image(raw: Raw, short_side: int) -> DecodedImage:
+  """A path or decoded pixels -> ``DecodedImage``. A JPEG is decoded at the smallest 1/2, 1/4 or 1/8 scale whose
+  shorter side still reaches ``short_side`` (PIL's ``draft``); other formats can only be decoded whole, and
+  ``decode_source`` reports the files whose decode was far larger than needed. Nothing else is copied at full
+  size: the EXIF rotation is applied in place and ``shrink`` resizes in one step."""
   image = image_ops.from_array(raw) if isinstance(raw, np.ndarray) else Image.open(raw)   # a file: header only
   with image:
     mode = image.mode
-    image.draft("RGB", (short_side, short_side))   # a JPEG decodes at the smallest 1/2^k scale still big enough
-    image = ImageOps.exif_transpose(image)          # a phone photo's EXIF orientation: upright, as viewers show it
-    return np.asarray(image_ops.shrink(image_ops.to_rgb(image), short_side)), mode
+    image.draft("RGB", (short_side, short_side))
+    ImageOps.exif_transpose(image, in_place=True)   # a phone photo's EXIF orientation: upright, as viewers show it
+    decoded_size = image.size
+    return DecodedImage(np.asarray(image_ops.shrink(image_ops.to_rgb(image), short_side)), mode, decoded_size)
+
+
+def decode_image(raw: Raw, short_side: int) -> tuple[np.ndarray, str]:
+  """A path or decoded pixels -> (uint8 (H, W, 3) with shorter side at most ``short_side``, original mode)."""
+  pixels, mode, _ = read_image(raw, short_side)
+  return pixels, mode
 
 
 def decode_source(source: ImageSource, short_side: int, *, strict: bool) -> Decoded:
   """All of ``source``, decoded. Unusable files are skipped with a report that counts them and names the first
   few; with ``strict`` the same report is an error."""
   images, labels, where = [], [], []
-  bad, converted = list(source.rejected), collections.Counter()
+  bad, converted, oversize = list(source.rejected), collections.Counter(), []
   for name, raw, label in source.read(np.arange(source.count)):
     try:
-      pixels, mode = decode_image(raw, short_side)
+      pixels, mode, decoded_size = read_image(raw, short_side)
     except UNREADABLE as e:
       bad.append((name, f"{type(e).__name__}: {e}"))
       continue
@@ -148,6 +170,8 @@ def decode_source(source: ImageSource, short_side: int, *, strict: bool) -> Deco
     where.append(name)
     if mode != "RGB":
       converted[mode] += 1
+    if isinstance(raw, str) and min(decoded_size) >= OVERSIZE * short_side:
+      oversize.append((decoded_size[0] * decoded_size[1], decoded_size, name))
   total = source.count + len(source.rejected)
   if bad:
     listing = "; ".join(f"{w} ({why})" for w, why in bad[:REPORT_FIRST]) + ("; ..." if len(bad) > REPORT_FIRST else "")
@@ -159,6 +183,12 @@ def decode_source(source: ImageSource, short_side: int, *, strict: bool) -> Deco
   if converted:
     print(f"data: {source.name}: converted {sum(converted.values())} images to RGB (from "
           f"{', '.join(f'{m}: {k}' for m, k in sorted(converted.items()))})", flush=True)
+  if oversize:
+    area, (width, height), name = max(oversize)
+    print(f"warning: {source.name}: {len(oversize)} of {total} files were decoded with a shorter side at least "
+          f"{OVERSIZE}x the {short_side} px kept, the largest {name} at {width}x{height} ({area * 3 / 1e6:.0f} MB "
+          "as RGB): only JPEGs decode at reduced size; shrinking the files beforehand (or saving them as JPEG) saves "
+          "that memory and time", flush=True)
   if not images:
     raise ValueError(f"{source.name}: no usable images (of {total} files)")
   return Decoded(images, np.asarray(labels, np.int32), where)
@@ -265,6 +295,14 @@ def load(cfg) -> tuple[ImageDataset, ImageDataset]:
       i = int(np.flatnonzero(bad)[0])
       raise ValueError(f"{d.where[i]}: label {d.labels[i]} is not one of the {len(class_names)} classes "
                        f"{class_names[:10]}{' ...' if len(class_names) > 10 else ''} ({split} split)")
+  # A class with no evaluation images is trained but never measured: said, with the cause.
+  unmeasured = [name for c, name in enumerate(class_names) if not (evaluation.labels == c).any()]
+  if unmeasured:
+    why = (f"config.data.test_fraction={fraction} held out none of their images: raise it, or add images" if
+           eval_src is None else "the evaluation split has none of their images")
+    listed = f"{unmeasured[:10]}{f' and {len(unmeasured) - 10} more' if len(unmeasured) > 10 else ''}"
+    print(f"warning: {eval_name}: no evaluation images of class(es) {listed} ({why}): accuracy covers the other "
+          "classes only", flush=True)
   per_class, examples = cfg.get("train_per_class"), cfg.get("train_examples")
   train = train.take(subset_rows(train.labels, per_class=per_class, examples=examples, seed=cfg.get("split_seed", 0)))
   suffix = f"[{per_class}/class]" if per_class else f"[{examples} examples]" if examples else ""
