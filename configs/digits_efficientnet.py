@@ -16,8 +16,8 @@ from transfer import config_base
 
 
 def get_config(arg: str = "mode=finetune,per_class=10") -> ml_collections.ConfigDict:
-  args = dict(kv.split("=") for kv in arg.split(",") if kv)
-  mode, per_class = args.get("mode", "finetune"), int(args.get("per_class", 10))
+  args = config_base.config_args(arg, mode="finetune", per_class=10)
+  mode, per_class = args["mode"], args["per_class"]
   if mode not in ("finetune", "frozen", "scratch"):
     raise ValueError(f"config arg mode={mode!r}: use finetune, frozen or scratch")
   c = config_base.base()

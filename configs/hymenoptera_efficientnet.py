@@ -28,8 +28,7 @@ from transfer import config_base
 
 
 def get_config(arg: str = "mode=finetune") -> ml_collections.ConfigDict:
-  args = dict(kv.split("=") for kv in arg.split(",") if kv)
-  mode = args.get("mode", "finetune")
+  mode = config_base.config_args(arg, mode="finetune")["mode"]
   if mode not in ("finetune", "frozen", "scratch"):
     raise ValueError(f"config arg mode={mode!r}: use finetune, frozen or scratch")
   c = config_base.base()

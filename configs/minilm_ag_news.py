@@ -13,11 +13,11 @@ The frozen-encoder probe (configs/minilm_ag_news_probe.py) reaches 0.876.
 import ml_collections
 
 from configs import minilm_sst2
+from transfer import config_base
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  args = dict(kv.split("=", 1) for kv in arg.split(",") if kv)
-  folder = args.get("data", "../shared/data/ag_news")
+  folder = config_base.config_args(arg, data="../shared/data/ag_news")["data"]
   c = minilm_sst2.get_config()
   c.data.train_file, c.data.eval_file = f"{folder}/train.tsv", f"{folder}/test.tsv"
   c.data.text_field, c.data.max_length = "text", 128

@@ -18,8 +18,7 @@ from transfer import config_base
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  args = dict(kv.split("=", 1) for kv in arg.split(",") if kv)
-  folder = args.get("data", "../shared/data/sst2")
+  folder = config_base.config_args(arg, data="../shared/data/sst2")["data"]
   c = config_base.base()
   c.model.name, c.model.pretrained, c.model.pooling, c.model.dropout = "bert", "all-minilm-l6-v2", "mean", 0.1
   c.data.name = "text_files"

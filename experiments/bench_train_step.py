@@ -31,6 +31,21 @@ The workloads, one per model family:
   JAX child has a torch-only helper process build the same one and ``torch.save`` its state dict to a temporary
   file, which it loads through ``transfer.load_pretrained(path, model=NAME)`` (the trainer's ``init_variables``
   with ``config.model.pretrained=path``), i.e. the real conversion path.
+* ``gpt2-small`` (sizes = sequence lengths, default 128; batch 8): causal-LM fine-tuning of GPT-2 small (12
+  layers, 768 wide, 12 heads, vocabulary 50257, 1024 positions, tied LM head; 124.4M parameters).
+* ``llama-100m`` (the same sizes and batch): a Llama of 100.1M parameters (12 layers, 768 wide, 12 heads, 4 KV
+  heads, SwiGLU 2048, RMSNorm, RoPE theta 10000, vocabulary 32000, tied LM head).
+
+  Decoders (``DecoderWorkload``) keep their own LM head: no new head, ``config.task='causal_lm'``, the loss is the
+  next-token cross-entropy over every token of a fixed batch of random ids (no padding). Their random weights are a
+  seeded ``transformers`` ``GPT2LMHeadModel``/``LlamaForCausalLM`` (dropout 0 in its config) that the JAX child's
+  torch-only helper ``save_pretrained``s to a temporary folder, read by the trainer as ``config.model.pretrained``.
+  Their modes: ``full`` (every weight trains, at the backbone lr 1e-4), ``frozen`` (only the final norm trains,
+  at 1e-3: the LM head is tied to the token embedding, and training that would need the whole backward) and
+  ``decode`` (greedy generation, below). PyTorch: the same ``transformers`` model, ``F.cross_entropy`` over the
+  shifted logits, AdamW over the parameters with ``requires_grad`` (see ``_torch_decoder_case``).
+  ``gpt2-tiny`` and ``llama-tiny`` are the same at 2 layers x 64 wide with weights N(0, 0.2), for tests
+  (tests/test_bench_decoder.py); ``--model all`` leaves them out.
 
 Modes, per size, for each framework:
 
@@ -39,6 +54,13 @@ Modes, per size, for each framework:
 * ``frozen``    -- frozen backbone (feature extraction + linear probe): only the head trains, the backbone in
                    inference mode, no gradient through it; the dropout before the head stays on.
 * ``inference`` -- forward pass only (eval mode), i.e. feature extraction / prediction throughput.
+* ``decode``    -- decoders, instead of ``inference``: greedy generation of ``--new-tokens`` (64) tokens after
+                   prompts of ``--prompt-length`` (32) random tokens, ``--decode-batch`` (4) prompts per call, with
+                   a KV cache; JAX ``transfer.generate.generate`` (no EOS id), PyTorch ``model.generate(
+                   do_sample=False, max_new_tokens=N, min_new_tokens=N)``. One untimed call (JAX: it compiles),
+                   then ``--decode-calls`` (3) timed ones; the row's size is the prompt length, its examples/s
+                   sequences/s, its tokens/s new tokens/s; ``greedy_same_prefix`` (JAX row) counts each prompt's
+                   leading new tokens that equal PyTorch's.
 
 Optimizer on both sides and for every workload: AdamW (lr 1e-3, backbone lr 1e-4 in ``full``, weight decay 1e-4,
 b1 0.9, b2 0.999, eps 1e-8) after global gradient-norm clipping at 1.0; softmax cross-entropy. Both sides start
@@ -68,14 +90,20 @@ Run::
   PYTHONPATH=. python experiments/bench_train_step.py --model all-minilm-l6-v2 --sizes 64,128 --steps 20
   PYTHONPATH=. python experiments/bench_train_step.py --model resnet50 --sizes 128 --steps 20
   PYTHONPATH=. python experiments/bench_train_step.py --model vit-s16 --sizes 128 --steps 20
+  PYTHONPATH=. python experiments/bench_train_step.py --model gpt2-small --out runs/bench_gpt2_small.json
+  PYTHONPATH=. python experiments/bench_train_step.py --model llama-100m --out runs/bench_llama_100m.json
   PYTHONPATH=. python experiments/bench_train_step.py --model all --quick --out /tmp/bench.json  # smoke
 
 ``--model`` defaults to ``efficientnet-lite0``; ``--resolutions`` is the old name of ``--sizes``; ``--quick`` runs
-each workload's smallest default size with 5 timed steps. Prints one Markdown table and writes every row plus the
-environment (CPU model, thread count, versions, load, the workloads) as JSON to ``--out``. Absolute figures move
-by 2x or more between machines, so only compare ratios measured within one run. Run it on an idle machine:
-another process on the same cores slows PyTorch's OpenMP threads far more than XLA's (10x+ seen), so the parent
-samples other CPU use before each case (``busy_cores_before``) and marks rows that started under load with ``*``.
+each workload's smallest default size with 5 timed steps; ``--modes`` runs some of each workload's modes;
+``--batch`` defaults to each workload's (32; decoders 8). A decoder row's examples/s cell also shows tokens/s
+(``tokens_per_sec``: batch x length per train step; new tokens in ``decode``), and its first loss must equal the
+other framework's within ``DECODER_LOSS_TOL`` (no fresh head, so no ln(classes) to expect). Prints one Markdown
+table and writes every row plus the environment (CPU model, thread count, versions, load, the workloads) as JSON
+to ``--out``. Absolute figures move by 2x or more between machines, so only compare ratios measured within one
+run. Run it on an idle machine: another process on the same cores slows PyTorch's OpenMP threads far more than
+XLA's (10x+ seen), so the parent samples other CPU use before each case (``busy_cores_before``) and marks rows
+that started under load with ``*``.
 """
 from __future__ import annotations
 
@@ -113,6 +141,8 @@ PARAM_RULES["inference"] = PARAM_RULES["frozen"]
 RESULT_MARKER = "BENCH_RESULT "
 BUSY_WARN = 0.25   # cores' worth of other CPU load just before a case that marks its row as noisy
 QUICK_STEPS = 5
+DEFAULT_BATCH = 32                 # train/inference batch of a workload that names none (decoders: 8)
+DECODER_LOSS_TOL = 1e-3            # |JAX - PyTorch| first loss of a decoder (same weights, same batch)
 COMMON_PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy", "torch")
 
 
@@ -270,7 +300,7 @@ class RandomImageWorkload:
 
   def jax_config(self, config, size: int) -> None:
     from transfer import models
-    assert models.INPUT_NORMALIZATION[models.family(self.name)] == (self.input_mean, self.input_std)
+    assert models.family(self.name).input_norm == (self.input_mean, self.input_std)
     config.model.name = self.name
     config.model.dropout, config.model.drop_path = self.dropout, 0.0
     for field, value in self.model_fields.items():
@@ -332,7 +362,7 @@ class ViTS16(RandomImageWorkload):
   packages = ("timm", "torchvision")
   torch_imports = ("timm",)
   timm_name = "vit_small_patch16_224"
-  input_mean, input_std = 127.5, 127.5   # [-1, 1], as transfer.models.INPUT_NORMALIZATION["vit"]
+  input_mean, input_std = 127.5, 127.5   # [-1, 1], as the ViT family record's input_norm
   reference_name = f"timm {timm_name}"
   reference_call = f"timm.create_model({timm_name!r}, dynamic_img_size=True)"
   inputs_note = "random uint8 NHWC images scaled to [-1, 1]"
@@ -356,7 +386,7 @@ class BiTR50x1(RandomImageWorkload):
   packages = ("timm", "torchvision")
   torch_imports = ("timm",)
   timm_name = "resnetv2_50x1_bit"
-  input_mean, input_std = 127.5, 127.5   # [-1, 1], as transfer.models.INPUT_NORMALIZATION["bit"]
+  input_mean, input_std = 127.5, 127.5   # [-1, 1], as the BiT family record's input_norm
   reference_name, reference_call = f"timm {timm_name}", f"timm.create_model({timm_name!r})"
   inputs_note = "random uint8 NHWC images scaled to [-1, 1]"
 
@@ -368,7 +398,137 @@ class BiTR50x1(RandomImageWorkload):
     return model.head.fc, None, {}
 
 
-WORKLOADS = {w.name: w for w in (EfficientNetLite0(), MiniLM(), ResNet50(), ViTS16(), BiTR50x1())}
+class DecoderWorkload:
+  """Causal-LM fine-tuning and generation of a random-weight ``transformers`` decoder (no head: the task is the
+  checkpoint's own next-token prediction).
+
+  The checkpoint both sides share is ``reference()``: ``transformers.<model_class>(<config_class>(**shape))``
+  built after ``torch.manual_seed(SEED)``; the JAX child has a torch-only helper process ``save_pretrained`` it to
+  a temporary folder and loads that through the trainer (``config.model.pretrained=folder``,
+  ``config.task='causal_lm'``), the PyTorch child builds the same model in memory. Dropout is 0 in the config
+  (both sides read it), so the two first losses are the same number. A subclass names the family, its shape, its
+  parameter count and which weights train in ``frozen``."""
+  size_unit, default_sizes = "tokens", (128,)
+  default_batch = 8                  # train modes; decode has its own (--decode-batch)
+  modes = ("full", "frozen", "decode")
+  num_classes = None                 # no classes: the first-loss check compares the two frameworks instead
+  random_weights = True
+  smoke_only = False                 # True: a tiny shape for tests, left out of --model all
+  frameworks = {"jax": "JAX", "torch": "PyTorch"}
+  ratio_notes = {}
+  packages = ("transformers", "safetensors")
+  torch_imports = ("transformers",)
+  initializer_range = 0.02           # HF's default
+
+  def hf_config(self):
+    import transformers
+    return getattr(transformers, self.config_class)(**self.shape, initializer_range=self.initializer_range)
+
+  def reference(self, size: int | None = None):
+    """The seeded random ``transformers`` model: the same weights in every process that builds it."""
+    import torch
+    import transformers
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    torch.manual_seed(SEED)
+    return getattr(transformers, self.model_class)(self.hf_config())
+
+  def save_reference(self, size: int, path: str) -> None:
+    self.reference(size).save_pretrained(path)
+
+  def jax_config(self, config, size: int) -> None:
+    config.task, config.model.name = "causal_lm", self.family   # config.model.pretrained: the saved folder
+
+  @property
+  def vocab_size(self) -> int:
+    return self.shape["vocab_size"]
+
+  def batch(self, batch: int, size: int) -> dict:
+    """A fixed batch of random token ids, no padding, every token a target (what lm_text delivers for
+    unpadded text): the loss is next-token cross-entropy over all L - 1 shifted positions. ``decode`` uses it as
+    its prompts (size = the prompt length)."""
+    import numpy as np
+    ids = np.random.default_rng(SEED).integers(0, self.vocab_size, size=(batch, size), dtype=np.int32)
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": np.ones_like(ids)}
+
+  def param_rules(self, mode: str) -> list:
+    """transfer.optim rules: ``full`` trains every weight at the backbone lr (0.1x); ``frozen`` only the final
+    norm, at the full lr (as a head); ``decode`` trains nothing (the rules only say what loads: everything)."""
+    if mode == "frozen":
+      return [(self.frozen_trains, {}), (".*", dict(freeze=True))]
+    return [(".*", dict(lr_mult=BACKBONE_LR_MULT))]
+
+  def trains(self, mode: str) -> str:
+    return {"full": "every weight", "decode": "nothing (generation)"}.get(mode, self.frozen_note)
+
+  def describe(self) -> dict:
+    return {"pretrained": None, "weights": f"random: transformers.{self.model_class}({self.config_class}(...)) "
+            f"after torch.manual_seed({SEED}), save_pretrained to a temporary folder read by the JAX side",
+            "task": "causal_lm", "shape": self.shape, "initializer_range": self.initializer_range,
+            "params": self.params, "dropout": 0.0,
+            "size": "train: sequence length (tokens); decode: prompt length (tokens)",
+            "inputs": "random token ids, no padding, every token a target",
+            "modes": {m: self.trains(m) for m in self.modes},
+            "decode": "greedy, a fixed number of new tokens (no EOS stop), KV cache; the timed calls follow one "
+                      "untimed (compiling) call",
+            "frameworks": self.frameworks, "pytorch_reference": f"transformers.{self.model_class}, "
+            "model.generate(do_sample=False, max_new_tokens=N, min_new_tokens=N)"}
+
+
+class GPT2Small(DecoderWorkload):
+  """GPT-2 small (12 layers, 768 wide, 12 heads, 50257-token vocabulary, 1024 positions; 124M parameters, the LM
+  head tied to the token embedding). ``frozen`` trains only the final LayerNorm: the LM head *is* the input
+  embedding, and training it would need the full backward through every block."""
+  name = "gpt2-small"
+  family, config_class, model_class = "gpt2", "GPT2Config", "GPT2LMHeadModel"
+  shape = dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12,
+               resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+  params = 124_439_808
+  frozen_trains, torch_frozen_trains = r"backbone/ln_f/.*", r"transformer\.ln_f\..*"
+  frozen_note = ("the final LayerNorm only (backbone/ln_f/.*); the LM head is tied to the token embedding, which "
+                 "stays frozen")
+
+
+class GPT2Tiny(GPT2Small):
+  """GPT-2 at a tiny shape, for tests: 2 layers, 64 wide, 4 heads, 512 tokens. Weights N(0, 0.2), so the logits
+  are spread and the first loss depends on the weights (at 0.02 any model's is about ln(vocab))."""
+  name = "gpt2-tiny"
+  smoke_only = True
+  shape = dict(vocab_size=512, n_positions=256, n_embd=64, n_layer=2, n_head=4, bos_token_id=511,
+               eos_token_id=511, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+  params = 149_248
+  initializer_range = 0.2
+
+
+class Llama100M(DecoderWorkload):
+  """A Llama of 100M parameters: 12 layers, 768 wide, 12 heads of 64 with 4 KV heads (grouped-query attention),
+  SwiGLU of 2048 (8/3 x 768), RMSNorm, RoPE (theta 10000), a 32000-token vocabulary, the LM head tied to the token
+  embedding. ``frozen`` trains only the final RMSNorm (the tied head: see GPT2Small)."""
+  name = "llama-100m"
+  family, config_class, model_class = "llama", "LlamaConfig", "LlamaForCausalLM"
+  shape = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+               num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=2048, rope_theta=10000.0,
+               tie_word_embeddings=True, attention_dropout=0.0)
+  params = 100_092_672
+  frozen_trains, torch_frozen_trains = r"backbone/norm/.*", r"model\.norm\..*"
+  frozen_note = ("the final RMSNorm only (backbone/norm/.*); the LM head is tied to the token embedding, which "
+                 "stays frozen")
+
+
+class LlamaTiny(Llama100M):
+  """The Llama shape at tiny size, for tests: 2 layers, 64 wide, 4 heads, 2 KV heads, SwiGLU 176, 512 tokens,
+  tied; weights N(0, 0.2) as GPT2Tiny's."""
+  name = "llama-tiny"
+  smoke_only = True
+  shape = dict(vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=256, rope_theta=10000.0, tie_word_embeddings=True,
+               attention_dropout=0.0)
+  params = 125_248
+  initializer_range = 0.2
+
+
+WORKLOADS = {w.name: w for w in (EfficientNetLite0(), MiniLM(), ResNet50(), ViTS16(), BiTR50x1(), GPT2Small(),
+                                 Llama100M(), GPT2Tiny(), LlamaTiny())}
 
 
 # ================================================================================================================
@@ -425,21 +585,27 @@ def _fingerprint(arrays) -> dict:
 # ================================================================================================================
 def _reference_checkpoint(workload, size: int, directory: str) -> str:
   """The PyTorch reference's seeded random weights as a ``.pth`` in ``directory``, written by a torch-only
-  subprocess (``--write-weights``) so that PyTorch never enters this process and its peak RSS."""
-  path = os.path.join(directory, f"{workload.name}_{size}.pth")
+  subprocess (``--write-weights``) so that PyTorch never enters this process and its peak RSS. A decoder's is a
+  ``save_pretrained`` folder instead."""
+  decoder = isinstance(workload, DecoderWorkload)
+  path = os.path.join(directory, f"{workload.name}_{size}" + ("" if decoder else ".pth"))
   cmd = [sys.executable, os.path.abspath(__file__), "--write-weights", f"{workload.name}:{size}:{path}"]
   proc = subprocess.run(cmd, capture_output=True, text=True)
-  if proc.returncode or not os.path.isfile(path):
+  if proc.returncode or not (os.path.isdir(path) if decoder else os.path.isfile(path)):
     raise RuntimeError(f"writing the {workload.name} reference weights failed ({proc.returncode}): "
                        f"{proc.stderr.strip()[-2000:]}")
   return path
 
 
 def write_reference_weights(spec: str) -> int:
-  """``--write-weights MODEL:SIZE:PATH``: ``torch.save`` the state dict of the workload's seeded reference."""
+  """``--write-weights MODEL:SIZE:PATH``: ``torch.save`` the state dict of the workload's seeded reference (a
+  decoder: ``save_pretrained`` it to the folder PATH)."""
   import torch
   name, size, path = spec.split(":", 2)
-  torch.save(WORKLOADS[name].reference(int(size)).state_dict(), path)
+  if isinstance(WORKLOADS[name], DecoderWorkload):
+    WORKLOADS[name].save_reference(int(size), path)
+  else:
+    torch.save(WORKLOADS[name].reference(int(size)).state_dict(), path)
   return 0
 
 
@@ -448,7 +614,7 @@ def _jax_case(workload, mode: str, size: int, args) -> dict:
   import numpy as np
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-  from transfer import config_base, optim, rules
+  from transfer import config_base, optim, rules, tasks
   from transfer import train as train_lib
   rss_after_import = _current_rss_mb()
 
@@ -460,7 +626,9 @@ def _jax_case(workload, mode: str, size: int, args) -> dict:
   config.schedule.lr, config.schedule.decay = LR, "constant"
   config.optimizer.name, config.optimizer.weight_decay = "adamw", WEIGHT_DECAY
   config.optimizer.grad_clip_norm = CLIP_NORM
-  config.param_rules = PARAM_RULES[mode]
+  decoder = isinstance(workload, DecoderWorkload)   # causal LM: its own rules, task and model (no new head)
+  config.param_rules = workload.param_rules(mode) if decoder else PARAM_RULES[mode]
+  task = tasks.CausalLM(config) if decoder else tasks.Classification(config)
   total_steps = args.warmup + args.steps
 
   # Model and pretrained weights: the trainer's own init (fresh head, pretrained backbone merged by the load rules);
@@ -472,9 +640,13 @@ def _jax_case(workload, mode: str, size: int, args) -> dict:
       t0 = time.perf_counter()
       config.model.pretrained = _reference_checkpoint(workload, size, tmp)
       out["write_reference_weights_s"] = time.perf_counter() - t0
-    model, params, batch_stats, dropout_rng = train_lib.init_variables(config, workload.num_classes, inputs)
+    model, params, batch_stats, dropout_rng = train_lib.init_variables(
+        config, workload.num_classes, inputs, build=(lambda cfg: task.build_model(cfg, None)) if decoder else None)
   out["weights_fingerprint"] = _fingerprint([v for k, v in sorted(params.items()) if not k.startswith("head/")] +
                                             [v for _, v in sorted(rules.flatten(batch_stats).items())])
+  if mode == "decode":
+    out.update(_jax_decode(model, params, inputs, args), params=optim.count(params), rss_end_mb=_current_rss_mb())
+    return out
 
   mesh = Mesh(np.array(jax.devices()), ("data",))
   replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
@@ -497,8 +669,7 @@ def _jax_case(workload, mode: str, size: int, args) -> dict:
         config, model, params, batch_stats, dropout_rng, total_steps=total_steps, steps_per_epoch=1)
     out.update(trainable_params=optim.count(rules.flatten(state["trainable"])),
                frozen_params=optim.count(rules.flatten(state["frozen"])), backbone_train=backbone_train)
-    train_step, _ = train_lib.make_steps(model, tx, schedule, num_classes=workload.num_classes,
-                                         backbone_train=backbone_train)
+    train_step, _ = train_lib.make_steps(model, tx, schedule, task, backbone_train=backbone_train)
     state = jax.device_put(state, replicated)
     t0 = time.perf_counter()
     compiled = jax.jit(train_step, in_shardings=(replicated, sharded), out_shardings=(replicated, replicated),
@@ -612,6 +783,114 @@ def _torch_case(workload, framework: str, mode: str, size: int, args) -> dict:
 
 
 # ================================================================================================================
+# Decoders: generation on both sides, and PyTorch's causal-LM step (JAX trains decoders through _jax_case).
+# ================================================================================================================
+def _time_calls(run, warmup: int, timed: int):
+  """``(first call's seconds, each timed call's seconds, the last result)`` after ``warmup`` untimed calls (the
+  first included); ``run`` returns only when its work is done (host arrays, eager PyTorch)."""
+  t0 = time.perf_counter()
+  result = run()
+  first_s = time.perf_counter() - t0
+  for _ in range(warmup - 1):
+    run()
+  call_times = []
+  for _ in range(timed):
+    t0 = time.perf_counter()
+    result = run()
+    call_times.append(time.perf_counter() - t0)
+  return first_s, call_times, result
+
+
+def _decode_timing(first_s: float, call_times: list[float], new_ids, args) -> dict:
+  """A decode row: examples are generated sequences (``--decode-batch`` per call, ``--new-tokens`` tokens each),
+  with the new token ids so the parent can compare the two sides' greedy choices."""
+  import numpy as np
+  new_ids = np.asarray(new_ids)
+  if new_ids.shape != (args.batch, args.new_tokens):
+    raise RuntimeError(f"generation returned {new_ids.shape} new tokens, expected ({args.batch}, {args.new_tokens})")
+  return {**_timing(first_s, call_times, args.batch), "new_tokens": args.new_tokens,
+          "new_token_ids": new_ids.tolist()}
+
+
+def _jax_decode(model, params: dict, inputs: dict, args) -> dict:
+  """Greedy ``transfer.generate.generate``: a jitted prefill into a KV cache of prompt + new-token slots, then one
+  compiled while-loop of one-token steps; no EOS id, so every row gets ``--new-tokens`` tokens. The first call
+  compiles and is not timed; ``compile_s`` is its time minus a timed call's median."""
+  import jax
+  from transfer import generate as generate_lib
+  from transfer import rules
+  variables = jax.device_put({"params": rules.unflatten(params)})   # on the device once, not at every call
+  run = lambda: generate_lib.generate(model, variables, inputs["input_ids"], inputs["attention_mask"],
+                                      max_new_tokens=args.new_tokens)
+  first_s, call_times, new_ids = _time_calls(run, 1, args.decode_calls)
+  return {**_decode_timing(first_s, call_times, new_ids, args), "compile_s": first_s - statistics.median(call_times)}
+
+
+def _torch_decoder_case(workload, framework: str, mode: str, size: int, args) -> dict:
+  """The decoder as a PyTorch user would fine-tune it: the ``transformers`` model's logits, ``F.cross_entropy`` of
+  each position's logits against the next token (every token a target, as the JAX task's loss), ``AdamW`` over
+  the weights that train (the others ``requires_grad=False``, so autograd stops at them) after
+  ``clip_grad_norm_``. ``decode``: ``model.generate(do_sample=False, max_new_tokens=N, min_new_tokens=N)`` with
+  its KV cache, under ``torch.inference_mode()``, timed after one untimed call."""
+  import re
+
+  import torch
+  import torch.nn.functional as F
+  for module in workload.torch_imports:  # (transfer.* is not imported here: it would load JAX into this process)
+    importlib.import_module(module)
+  torch.set_num_threads(args.threads)
+  rss_after_import = _current_rss_mb()
+
+  model = workload.reference(size)
+  inputs = workload.batch(args.batch, size)
+  ids, mask = (torch.from_numpy(inputs[k]).long() for k in ("input_ids", "attention_mask"))
+  params = dict(model.named_parameters())   # a tied LM head is the embedding: listed once
+  out = {"torch_threads": torch.get_num_threads(), "rss_after_import_mb": rss_after_import,
+         "attn_implementation": model.config._attn_implementation, "params": sum(p.numel() for p in params.values()),
+         "weights_fingerprint": _fingerprint([p.detach().numpy() for p in params.values()])}
+
+  if mode == "decode":
+    model.eval()
+
+    def run():
+      with torch.inference_mode():
+        generated = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, use_cache=True,
+                                   max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                   pad_token_id=model.generation_config.eos_token_id)
+      return generated[:, ids.shape[1]:].numpy()
+
+    first_s, call_times, new_ids = _time_calls(run, 1, args.decode_calls)
+    out.update(_decode_timing(first_s, call_times, new_ids, args), compile_s=None, rss_end_mb=_current_rss_mb())
+    return out
+
+  frozen_trains = re.compile(workload.torch_frozen_trains)
+  for name, p in params.items():
+    p.requires_grad_(mode == "full" or bool(frozen_trains.fullmatch(name)))
+  trainable = [p for p in params.values() if p.requires_grad]
+  out.update(trainable_params=sum(p.numel() for p in trainable),
+             frozen_params=sum(p.numel() for p in params.values() if not p.requires_grad))
+  model.train()   # dropout is 0 in the config: train and eval mode compute the same
+  lr = LR * BACKBONE_LR_MULT if mode == "full" else LR   # as workload.param_rules
+  opt = torch.optim.AdamW(trainable, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=WEIGHT_DECAY)
+  targets = ids[:, 1:].reshape(-1)
+  losses = []
+
+  def run():
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(trainable, CLIP_NORM)
+    opt.step()
+    losses.append(loss.detach())
+
+  first_s, step_times, _ = _time_calls(run, args.warmup, args.steps)
+  out.update(_timing(first_s, step_times, args.batch), compile_s=None, rss_end_mb=_current_rss_mb(),
+             loss_first=float(losses[0]), loss_last=float(losses[-1]))
+  return out
+
+
+# ================================================================================================================
 # Child: one (model, framework, mode, size) case in a fresh process.
 # ================================================================================================================
 def run_child(args) -> int:
@@ -624,10 +903,14 @@ def run_child(args) -> int:
          "steps": args.steps, "warmup": args.warmup, "threads": args.threads, "cpus": sorted(os.sched_getaffinity(0)),
          "loadavg_start": os.getloadavg()[0]}
   t0 = time.perf_counter()
+  decoder = isinstance(workload, DecoderWorkload)
   if framework == "jax":
     row.update(_jax_case(workload, mode, size, args))
   else:
-    row.update(_torch_case(workload, framework, mode, size, args))
+    row.update((_torch_decoder_case if decoder else _torch_case)(workload, framework, mode, size, args))
+  if decoder:   # tokens: input tokens per train step (batch x length), new tokens per generated sequence
+    row.update(trains=workload.trains(mode), tokens_per_sec=row["examples_per_sec"] * (
+        args.new_tokens if mode == "decode" else size))
   row.update(case_wall_s=time.perf_counter() - t0, peak_rss_mb=_peak_rss_mb(), loadavg_end=os.getloadavg()[0])
   print(RESULT_MARKER + json.dumps(row), flush=True)
   return 0
@@ -654,16 +937,37 @@ def environment(args) -> dict:
   return {"cpu_model": cpu, "cpus_available": len(os.sched_getaffinity(0)), "threads": args.threads,
           "python": platform.python_version(), "platform": platform.platform(),
           "versions": {p: _version(p) for p in dict.fromkeys(packages)},
-          "workloads": {name: {**WORKLOADS[name].describe(), "sizes": sizes} for name, sizes in args.sizes.items()},
+          "workloads": {name: {**WORKLOADS[name].describe(), "sizes": sizes, "run_modes": args.modes[name],
+                               "batch": case_batch(WORKLOADS[name], "full", args),
+                               **({"decode_batch": args.decode_batch, "prompt_length": args.prompt_length,
+                                   "new_tokens": args.new_tokens, "decode_calls": args.decode_calls}
+                                  if "decode" in args.modes[name] else {})}
+                        for name, sizes in args.sizes.items()},
           "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
           "optimizer": {"name": "adamw", "lr": LR, "backbone_lr_mult_full": BACKBONE_LR_MULT,
                         "weight_decay": WEIGHT_DECAY, "grad_clip_norm": CLIP_NORM},
           "loadavg_start": os.getloadavg()}
 
 
+def case_batch(workload, mode: str, args) -> int:
+  """``--batch`` (default: the workload's, 32 unless it says), or ``--decode-batch`` for generation."""
+  if mode == "decode":
+    return args.decode_batch
+  return args.batch or getattr(workload, "default_batch", DEFAULT_BATCH)
+
+
+def workload_cases(workload, sizes: list[int], modes: list[str], args) -> list[tuple[int, str]]:
+  """``(size, mode)`` in run order: each size's train/inference modes, then a decoder's ``decode`` once, whose
+  size is the prompt length (``--prompt-length``)."""
+  cases = [(size, mode) for size in sizes for mode in modes if mode != "decode"]
+  return cases + [(args.prompt_length, "decode")] * ("decode" in modes)
+
+
 def run_case(name: str, framework: str, mode: str, size: int, args) -> dict:
   cmd = [sys.executable, os.path.abspath(__file__), "--child", f"{name}:{framework}:{mode}:{size}", "--batch",
-         str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
+         str(case_batch(WORKLOADS[name], mode, args)), "--steps", str(args.steps), "--warmup", str(args.warmup),
+         "--threads", str(args.threads), "--new-tokens", str(args.new_tokens), "--decode-calls",
+         str(args.decode_calls)]
   env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p),
          "HF_HUB_OFFLINE": "1"}  # every model is read from a local folder; never wait on the network
   case = {"model": name, "framework": framework, "mode": mode, "size": size}
@@ -702,13 +1006,41 @@ def check_start_losses(rows: list[dict]) -> list[str]:
   frameworks are not training the same model and their timings are not comparable."""
   problems = []
   for r in rows:
-    if r["mode"] == "inference" or "error" in r:
-      continue
+    if r["mode"] == "inference" or "error" in r or WORKLOADS[r["model"]].num_classes is None:
+      continue   # (decoders have no head: check_decoder_start_losses)
     r["loss_first_expected"] = math.log(WORKLOADS[r["model"]].num_classes)
     if abs(r["loss_first"] - r["loss_first_expected"]) > 1e-3:
       problems.append(f"{r['model']} {r['size']} {r['mode']} {r['framework']}: first loss {r['loss_first']:.6f}, "
                       f"expected ln({WORKLOADS[r['model']].num_classes}) = {r['loss_first_expected']:.6f}")
   return problems
+
+
+def check_decoder_start_losses(rows: list[dict]) -> list[str]:
+  """A decoder has no fresh head, so its first loss is no known constant: the PyTorch row's first loss (same
+  weights, same batch, no dropout) must equal the JAX row's within DECODER_LOSS_TOL."""
+  problems, jax_rows = [], {(r["model"], r["size"], r["mode"]): r for r in rows
+                            if r["framework"] == "jax" and "loss_first" in r and "error" not in r}
+  for r in rows:
+    ref = jax_rows.get((r["model"], r["size"], r["mode"]))
+    if ref is None or r is ref or "error" in r or WORKLOADS[r["model"]].num_classes is not None:
+      continue
+    r["loss_first_expected"] = ref["loss_first"]
+    if not abs(r["loss_first"] - ref["loss_first"]) <= DECODER_LOSS_TOL:
+      problems.append(f"{r['model']} {r['size']} {r['mode']} {r['framework']}: first loss {r['loss_first']:.6f}, "
+                      f"JAX's {ref['loss_first']:.6f} (tolerance {DECODER_LOSS_TOL})")
+  return problems
+
+
+def compare_generations(rows: list[dict]) -> None:
+  """On each JAX decode row, ``greedy_same_prefix``: per prompt, how many leading new tokens equal PyTorch's (the
+  same weights give the same greedy tokens until a near-tie of two logits falls differently; informational)."""
+  by_key = {(r["model"], r["size"], r["framework"]): r for r in rows if r["mode"] == "decode" and "error" not in r}
+  for (model, size, framework), r in by_key.items():
+    other = by_key.get((model, size, "torch"))
+    if framework != "jax" or other is None:
+      continue
+    r["greedy_same_prefix"] = [next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), len(ours))
+                               for ours, theirs in zip(r["new_token_ids"], other["new_token_ids"])]
 
 
 def check_same_weights(rows: list[dict]) -> list[str]:
@@ -734,7 +1066,8 @@ def table(rows: list[dict]) -> str:
   lines = []
   for r in rows:
     workload = WORKLOADS[r["model"]]
-    start = f"| {r['model']} | {r['size']} {workload.size_unit} | {r['mode']} | {workload.frameworks[r['framework']]}"
+    size = f"{r['size']}+{r['new_tokens']}" if "new_tokens" in r else r["size"]   # decode: prompt + new tokens
+    start = f"| {r['model']} | {size} {workload.size_unit} | {r['mode']} | {workload.frameworks[r['framework']]}"
     if "error" in r:
       lines.append(f"{start} | error | - | - | - |")
       continue
@@ -745,15 +1078,18 @@ def table(rows: list[dict]) -> str:
       if len(workload.frameworks) > 2:  # several PyTorch variants: say which one the ratio is against
         ratio += f" (vs {workload.ratio_notes[r['ratio_against']]})"
     noisy = " *" if r.get("busy_cores_before", 0.0) > BUSY_WARN else ""
-    lines.append(f"{start} | {r['examples_per_sec']:.1f}{noisy} | {first:.2f} | {r['peak_rss_mb']:.0f} | {ratio} |")
+    tokens = (f" ({r['tokens_per_sec']:.0f} {'new ' * (r['mode'] == 'decode')}tok/s)" if "tokens_per_sec" in r
+              else "")   # decoders: input tokens per second in training, generated ones in decode
+    lines.append(f"{start} | {r['examples_per_sec']:.1f}{tokens}{noisy} | {first:.2f} | {r['peak_rss_mb']:.0f} | "
+                 f"{ratio} |")
   return "\n".join([head] + lines)
 
 
 def run_parent(args) -> int:
   env = environment(args)
   sizes = "; ".join(f"{name} sizes {','.join(map(str, s))}" for name, s in args.sizes.items())
-  print(f"bench_train_step: {sizes}; batch {args.batch}, {args.warmup} warmup + {args.steps} timed steps, "
-        f"{args.threads} threads on {env['cpu_model']}; jax {env['versions']['jax']}, "
+  print(f"bench_train_step: {sizes}; batch {args.batch or 'per workload'}, {args.warmup} warmup + {args.steps} "
+        f"timed steps, {args.threads} threads on {env['cpu_model']}; jax {env['versions']['jax']}, "
         f"torch {env['versions']['torch']}", flush=True)
   env["busy_cores_start"] = busy_cores(1.0)
   if env["busy_cores_start"] > BUSY_WARN:
@@ -762,23 +1098,25 @@ def run_parent(args) -> int:
   rows, t0 = [], time.time()
   for name, workload_sizes in args.sizes.items():
     frameworks = WORKLOADS[name].frameworks
-    for size in workload_sizes:
-      for mode in MODES:
-        for framework, label in frameworks.items():  # interleaved, so background load drifts hit all alike
-          row = run_case(name, framework, mode, size, args)
-          rows.append(row)
-          status = (f"error: {row['error'].splitlines()[0]}" if "error" in row else
-                    f"{row['examples_per_sec']:.1f} examples/s, peak RSS {row['peak_rss_mb']:.0f} MB")
-          print(f"  {name} {size:>4} {mode:<9} {label:<24} {status}  [{time.time() - t0:.0f} s]", flush=True)
+    for size, mode in workload_cases(WORKLOADS[name], workload_sizes, args.modes[name], args):
+      for framework, label in frameworks.items():  # interleaved, so background load drifts hit all alike
+        row = run_case(name, framework, mode, size, args)
+        rows.append(row)
+        tokens = f" ({row['tokens_per_sec']:.0f} tok/s)" if "tokens_per_sec" in row else ""
+        status = (f"error: {row['error'].splitlines()[0]}" if "error" in row else
+                  f"{row['examples_per_sec']:.1f} examples/s{tokens}, peak RSS {row['peak_rss_mb']:.0f} MB")
+        print(f"  {name} {size:>4} {mode:<9} {label:<24} {status}  [{time.time() - t0:.0f} s]", flush=True)
   add_ratios(rows)
-  start_problems = check_start_losses(rows) + check_same_weights(rows)
+  compare_generations(rows)
+  start_problems = check_start_losses(rows) + check_decoder_start_losses(rows) + check_same_weights(rows)
   env["wall_seconds"] = time.time() - t0
   env["loadavg_end"] = os.getloadavg()
   text = table(rows)
   print()
   print(text)
-  print(f"\n{args.threads} threads ({env['cpu_model']}), batch {args.batch}, {args.steps} timed steps; "
-        f"JAX/PyTorch = examples/s ratio (against the faster PyTorch variant); total {env['wall_seconds']:.0f} s")
+  print(f"\n{args.threads} threads ({env['cpu_model']}), batch {args.batch or 'per workload'}, {args.steps} timed "
+        f"steps; JAX/PyTorch = examples/s ratio (against the faster PyTorch variant); total "
+        f"{env['wall_seconds']:.0f} s")
   noisy = [r for r in rows if r.get("busy_cores_before", 0.0) > BUSY_WARN]
   if noisy:
     print(f"* {len(noisy)} case(s) started while other processes used > {BUSY_WARN} cores: rerun on an idle "
@@ -799,7 +1137,15 @@ def main(argv=None) -> int:
                       help="the workload (or all of them, one after the other)")
   parser.add_argument("--sizes", "--resolutions", dest="sizes",
                       help="comma-separated sizes: image resolutions or sequence lengths (default: the workload's)")
-  parser.add_argument("--batch", type=int, default=32)
+  parser.add_argument("--batch", type=int,
+                      help=f"train/inference batch (default: the workload's: {DEFAULT_BATCH}, decoders 8)")
+  parser.add_argument("--modes", help="comma-separated modes to run (default: each workload's: "
+                      f"{', '.join(MODES)}; decoders {', '.join(DecoderWorkload.modes)})")
+  parser.add_argument("--prompt-length", type=int, default=32, help="decode: prompt tokens per sequence")
+  parser.add_argument("--new-tokens", type=int, default=64, help="decode: greedy new tokens per sequence")
+  parser.add_argument("--decode-batch", type=int, default=4, help="decode: sequences per generate call")
+  parser.add_argument("--decode-calls", type=int, default=3,
+                      help="decode: timed generate calls, after one untimed (compiling) call")
   parser.add_argument("--steps", type=int, help=f"timed steps per case (default 20; {QUICK_STEPS} with --quick)")
   parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (the first one compiles)")
   parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
@@ -813,7 +1159,23 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   if args.write_weights:
     return write_reference_weights(args.write_weights)
-  names = list(WORKLOADS) if args.model == "all" else [args.model]
+  if args.model == "all":   # (the tiny test shapes only when named)
+    names = [n for n, w in WORKLOADS.items() if not getattr(w, "smoke_only", False)]
+  else:
+    names = [args.model]
+  # {model: modes}, each workload's own unless --modes picks some of them; with --model all, a workload that has
+  # none of the picked modes is left out.
+  chosen_modes = [m for m in args.modes.split(",") if m] if args.modes else None
+  known = sorted(set(MODES) | set(DecoderWorkload.modes))
+  if set(chosen_modes or ()) - set(known):
+    parser.error(f"--modes {args.modes}: choose from {', '.join(known)}")
+  own = {name: list(getattr(WORKLOADS[name], "modes", MODES)) for name in names}
+  args.modes = {name: [m for m in own[name] if m in chosen_modes] if chosen_modes else own[name] for name in names}
+  args.modes = {name: modes for name, modes in args.modes.items() if modes}
+  if not args.modes:
+    parser.error(f"--modes {','.join(chosen_modes)}: --model {args.model} has none of "
+                 "them (" + "; ".join(f"{name}: {', '.join(modes)}" for name, modes in own.items()) + ")")
+  names = list(args.modes)
   if args.sizes and args.model == "all":
     parser.error("--sizes needs one --model: image resolutions and sequence lengths are different things")
   if args.steps is None:
@@ -825,8 +1187,10 @@ def main(argv=None) -> int:
   # {model: sizes}, in run order.
   args.sizes = {name: chosen or ([min(WORKLOADS[name].default_sizes)] if args.quick
                                  else list(WORKLOADS[name].default_sizes)) for name in names}
-  if args.warmup < 1 or args.steps < 1 or args.batch < 1:
-    parser.error("--warmup, --steps and --batch must be at least 1")
+  if min(args.warmup, args.steps, 1 if args.batch is None else args.batch, args.prompt_length, args.new_tokens,
+         args.decode_batch, args.decode_calls) < 1:
+    parser.error("--warmup, --steps, --batch, --prompt-length, --new-tokens, --decode-batch and --decode-calls must "
+                 "be at least 1")
   if not 1 <= args.threads <= len(os.sched_getaffinity(0)):
     parser.error(f"--threads must be between 1 and {len(os.sched_getaffinity(0))}")
   return run_child(args) if args.child else run_parent(args)

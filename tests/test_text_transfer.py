@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import shared_data
-from transfer import config_base, models, optim, pretrained, train
+from transfer import config_base, config_check, models, optim, pretrained, train
 from transfer import data as data_lib
 from transfer.data import text_files
 
@@ -33,41 +33,77 @@ def _text_config(train_file, eval_file, **data):
   return c
 
 
-def test_minilm_learns_a_synthetic_sentiment_task(tmp_path):
-  """Runs anywhere: templated sentences whose label is the sentiment word."""
-  rng = np.random.default_rng(0)
-  good, bad = ["great", "wonderful", "superb", "lovely"], ["awful", "terrible", "dreadful", "boring"]
-  subjects = ["the film", "this book", "our dinner", "the show", "that song", "the trip"]
+# Synthetic sentiment, split so that held-out accuracy measures transfer: the held-out sentences share no sentiment
+# word, subject or sentence frame with the training ones, so only what the pretrained encoder knows of the words
+# (that "brilliant" is like "superb") carries the label across. Balanced: chance is 0.5.
+TRAIN_WORDS = (["awful", "terrible", "dreadful", "boring"], ["great", "wonderful", "superb", "lovely"])
+TRAIN_SUBJECTS = ["the film", "this book", "our dinner", "the show", "that song", "the trip"]
+TRAIN_FRAMES = ["{s} was {w} , really {w} .", "i found {s} {w} ."]
+HELD_OUT_WORDS = (["horrible", "dull", "miserable", "disappointing"], ["excellent", "fantastic", "delightful",
+                                                                       "brilliant"])
+HELD_OUT_SUBJECTS = ["the concert", "her novel", "the hotel", "this game", "the lecture", "my new phone"]
+HELD_OUT_FRAMES = ["honestly , {s} is {w} .", "what a {w} experience {s} turned out to be"]
 
-  def rows(n):
-    out = []
-    for _ in range(n):
-      label = int(rng.integers(2))
-      word = rng.choice(good if label else bad)
-      out.append(f"{rng.choice(subjects)} was {word} , really {word} .\t{label}")
-    return "sentence\tlabel\n" + "\n".join(out) + "\n"
 
-  config = _text_config(_write(tmp_path / "train.tsv", rows(96)), _write(tmp_path / "dev.tsv", rows(64)),
-                        max_length=16)
+def _sentiment_rows(words, subjects, frames, seed):
+  """Every (label, word, subject, frame) sentence once, shuffled: a TSV text with a header."""
+  rows = [(frame.format(s=subject, w=word), label) for label in (0, 1) for word in words[label]
+          for subject in subjects for frame in frames]
+  order = np.random.default_rng(seed).permutation(len(rows))
+  return "sentence\tlabel\n" + "".join(f"{rows[i][0]}\t{rows[i][1]}\n" for i in order)
+
+
+def _sentiment_files(tmp_path):
+  """(train.tsv, held_out.tsv): 96 sentences each, disjoint (checked here)."""
+  train_text = _sentiment_rows(TRAIN_WORDS, TRAIN_SUBJECTS, TRAIN_FRAMES, seed=0)
+  held_out_text = _sentiment_rows(HELD_OUT_WORDS, HELD_OUT_SUBJECTS, HELD_OUT_FRAMES, seed=1)
+  assert not set(sum(HELD_OUT_WORDS, [])) & set(train_text.split())
+  assert not any(subject in train_text for subject in HELD_OUT_SUBJECTS)
+  assert not set(train_text.splitlines()[1:]) & set(held_out_text.splitlines()[1:])
+  return _write(tmp_path / "train.tsv", train_text), _write(tmp_path / "held_out.tsv", held_out_text)
+
+
+def test_minilm_fine_tuned_on_synthetic_sentiment_transfers_to_held_out_words(tmp_path, capsys):
+  """Runs anywhere: fine-tuned on one set of sentiment words, evaluated on sentences built from others."""
+  train_file, held_out_file = _sentiment_files(tmp_path)
+  config = _text_config(train_file, held_out_file, max_length=16)
   config.total_steps = 12
   results = train.train(config, str(tmp_path / "run"))
   assert results["trainable_params"] == 22_713_216 + 2 * 384 + 2   # encoder + new 2-class head
+  # Measured 1.0 (96 of 96; deterministic). The same run from a random-init encoder: 0.50, chance.
   assert results["eval/accuracy"] >= 0.9, results
+  assert "is or contains the training data" not in capsys.readouterr().out
 
 
-def test_frozen_encoder_probe_runs_on_cached_features(tmp_path):
-  """configs/minilm_sst2_probe.py's recipe on synthetic files: features extracted once, then only the head."""
+def test_frozen_encoder_probe_transfers_to_held_out_words(tmp_path, capsys):
+  """configs/minilm_sst2_probe.py's recipe on the synthetic files: features extracted once, then only the head;
+  the frozen encoder's features alone carry the label to unseen words."""
   from configs import minilm_sst2_probe
-  rows = "sentence\tlabel\n" + "".join(f"it was {'great' if i % 2 else 'awful'} number {i}\t{i % 2}\n"
-                                        for i in range(48))
-  f = _write(tmp_path / "d.tsv", rows)
+  train_file, held_out_file = _sentiment_files(tmp_path)
   config = minilm_sst2_probe.get_config(f"data={tmp_path}")
-  config.data.train_file, config.data.eval_file, config.data.max_length = f, f, 16
+  config.data.train_file, config.data.eval_file, config.data.max_length = train_file, held_out_file, 16
   config.batch_size, config.total_epochs = 16, 20.0
   results = train.train(config, str(tmp_path / "run"))
   assert results["feature_cache"] and results["trainable_params"] == 770
   assert results["frozen_params"] == 22_713_216
+  # Measured 1.0 (96 of 96; deterministic). The same probe on a random-init encoder's features: 0.45, chance.
   assert results["eval/accuracy"] >= 0.9, results
+  assert "is or contains the training data" not in capsys.readouterr().out
+
+
+def test_evaluating_on_the_training_file_is_warned_not_refused(tmp_path, capsys):
+  """A fit check on the training data is legitimate, so it loads, but the run says its accuracy is not transfer;
+  the same file under another spelling of its path counts as the same."""
+  f = _write(tmp_path / "d.tsv", "sentence\tlabel\na\t0\nb\t1\nc\t1\n")
+  (tmp_path / "sub").mkdir()
+  train_ds, eval_ds = text_files.load(_cfg(f, str(tmp_path / "sub" / ".." / "d.tsv")), _Tok())
+  assert (len(train_ds), len(eval_ds)) == (3, 3)
+  out = capsys.readouterr().out
+  assert f"warning: config.data.eval_file='{tmp_path}/sub/../d.tsv' is or contains the training data ('{f}'): " \
+         "its accuracy measures memorisation, not transfer" in out, out
+  other = _write(tmp_path / "e.tsv", "sentence\tlabel\nd\t0\n")
+  text_files.load(_cfg(f, other), _Tok())
+  assert "warning" not in capsys.readouterr().out
 
 
 @pytest.mark.skipif(SST2 is None, reason="../shared/data/sst2 not on this machine (the synthetic test above runs)")
@@ -143,7 +179,7 @@ def test_string_labels_and_subset(tmp_path):
 def test_tokenizer_vocabulary_must_fit_the_checkpoint(tmp_path):
   config = _text_config("unused.tsv", "unused.tsv")
   from transfer.models import bert
-  real = models.bert_config(config.model)
+  real = models.backbone(config.model).config
   tok = pretrained.tokenizer("all-minilm-l6-v2")
   tok.check_vocab(real.vocab_size, "all-minilm-l6-v2")
   with pytest.raises(ValueError, match=r"30522 tokens but the model's embedding table has only 1000 rows"):
@@ -152,14 +188,21 @@ def test_tokenizer_vocabulary_must_fit_the_checkpoint(tmp_path):
 
 
 def test_trainer_reads_a_tfds_task_by_name(tmp_path):
-  """config.data.name='tfds_text' goes through tfds.data_source; offline, on TFDS's mock data."""
+  """config.data.name='tfds_text' goes through tfds.data_source; offline, on TFDS's mock data. Mock labels are
+  random, so nothing is learnt: at learning rate 0 the zero head scores every class 0.0, argmax picks class 0,
+  and the eval accuracy must be exactly the share of class 0 in the mock validation split, read here directly
+  (eval batches of 12 over 32 rows: the padded rows of the last batch must not count)."""
   import tensorflow_datasets as tfds
+  from transfer.data import tfds_text
   config = _text_config(None, None, max_length=16)
   config.data.name, config.data.tfds_name = "tfds_text", "glue/sst2"
-  config.total_steps, config.eval_batch_size = 3, 16
+  config.total_steps, config.eval_batch_size, config.schedule.lr = 3, 12, 0.0
   with tfds.testing.mock_data(num_examples=32, policy=tfds.testing.MockPolicy.USE_CODE):
     results = train.train(config, str(tmp_path))
-  assert results["step"] == 3 and 0.0 <= results["eval/accuracy"] <= 1.0
+    _, _, labels, _ = tfds_text.read_split("glue/sst2", "validation")
+  assert len(labels) == 32 and 0 < (labels == 0).sum() < 32, labels   # both classes occur: a real check
+  assert results["step"] == 3 and results["eval/accuracy"] == pytest.approx((labels == 0).mean(), abs=1e-9), \
+      (results, labels)
   assert json.load(open(tmp_path / "config.json"))["data"]["tfds_name"] == "glue/sst2"
 
 
@@ -227,7 +270,8 @@ def test_minilm_learns_a_synthetic_score(tmp_path):
     return "s1\ts2\tscore\n" + "\n".join(out) + "\n"
 
   config = _text_config(_write(tmp_path / "train.tsv", rows(128)), _write(tmp_path / "dev.tsv", rows(64)),
-                        max_length=16, text_field="s1", pair_field="s2", label_field="score", task="regression")
+                        max_length=16, text_field="s1", pair_field="s2", label_field="score")
+  config.task = "regression"
   config.total_steps, config.schedule.lr = 24, 3e-2
   config.param_rules = [("head/.*", dict(load=False)), ("backbone/.*", dict(lr_mult=0.003))]
   results = train.train(config, str(tmp_path / "run"))
@@ -241,9 +285,11 @@ def test_minilm_learns_a_synthetic_score(tmp_path):
 def test_regression_labels_must_be_numbers(tmp_path):
   f = _write(tmp_path / "r.tsv", "sentence\tlabel\na\t1.5\nb\thigh\n")
   with pytest.raises(ValueError, match=r"r.tsv:3: label 'high' is not a finite number"):
-    text_files.load(_cfg(f, f, task="regression"), _Tok())
+    text_files.load(_cfg(f, f), _Tok(), "regression")
   empty = _write(tmp_path / "e.tsv", "sentence\tlabel\n")
   with pytest.raises(ValueError, match=r"e.tsv: no train examples"):
     text_files.load(_cfg(empty, f), _Tok())
-  with pytest.raises(ValueError, match=r"config.data.task: 'regresion' is not one of"):
-    text_files.load(_cfg(f, f, task="regresion"), _Tok())
+  config = _text_config(f, f)
+  config.task = "regresion"
+  with pytest.raises(ValueError, match=r"config.task: 'regresion' is not one of"):
+    config_check.validate(config)

@@ -163,10 +163,8 @@ def test_stsb_is_a_regression_task_with_float_scores():
     train_ds, eval_ds = tfds_text.load(config("glue/stsb"), FakeTokenizer())
   assert train_ds.regression and train_ds.num_outputs == 1 and train_ds.class_names == []
   assert train_ds.labels.dtype == np.float32 and len(eval_ds) == 12
-  cfg = config("glue/stsb")
-  cfg.task = "classification"
-  with pytest.raises(ValueError, match=r"config.data.task='classification', but glue/stsb is a regression task"):
-    tfds_text.load(cfg, FakeTokenizer())
+  with pytest.raises(ValueError, match=r"config.task='classification', but glue/stsb is a regression task"):
+    tfds_text.load(config("glue/stsb"), FakeTokenizer(), "classification")
 
 
 def test_unknown_tasks_are_refused():

@@ -1,4 +1,8 @@
-"""Every config field the trainer reads, with its default and meaning. Configs start from ``base()``."""
+"""Every config field the trainer reads, with its default and meaning. Configs start from ``base()``.
+
+``transfer/config_check.py`` checks every field's type and range (and that no other field is set) before any
+work. On the command line ``--config.FIELD=None`` clears a field, and a length given there (total_steps or
+total_epochs, schedule.warmup_steps or warmup_epochs) replaces the config file's other one, with a note."""
 from __future__ import annotations
 
 import ml_collections
@@ -14,6 +18,11 @@ def auto_or(value) -> config_dict.FieldReference:
 def base() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0                      # init, dropout and data order; same seed + config -> same metrics
+  # What the run learns (transfer/tasks): 'classification', 'regression' (one score: MSE; Pearson/Spearman),
+  # 'causal_lm' (next-token prediction with a decoder; data.name='lm_text'), or 'auto' = the data's own task
+  # (TFDS datasets know theirs; local labelled files and image data: classification; lm_text: causal_lm).
+  # A task the data cannot serve is an error.
+  c.task = "auto"
 
   c.model = ml_collections.ConfigDict()
   # Architecture (transfer.models.NAMES): efficientnet-lite0..4, resnet18/34/50/101/152, bit-r50x1 ... bit-r152x4
@@ -36,16 +45,24 @@ def base() -> ml_collections.ConfigDict:
   # EfficientNet-Lite, BiT and Google's ViTs; ImageNet mean/std for ResNets), 'imagenet', 'inception' ([-1, 1]),
   # or [mean, std] in pixel units. Set 'imagenet' for DeiT or DINO ViT checkpoints.
   c.model.input_norm = config_dict.FieldReference("auto", field_type=object)   # a name or a [mean, std] pair
-  c.model.pooling = "cls"    # text: 'cls' (BERT pooler), 'first' (first token) or 'mean' (masked mean)
+  # Text: 'cls' (BERT pooler), 'first' (first token), 'mean' (masked mean) or 'last' (last non-padding token: the
+  # pooling for decoders, which have no pooler).
+  c.model.pooling = "cls"
   # ViT: 'cls' (class token) or 'mean' (no class token, mean of the patch tokens); it must match the checkpoint.
   # ViT: side of the stored position-embedding table, in patches. None: the checkpoint's own grid (or the
   # variant's native one from scratch); each call resamples it to the input's grid. A number resamples at load.
   c.model.posemb_grid = config_dict.placeholder(int)
+  # EfficientNet-Lite: 'same' (TF "SAME" padding: the packaged weights, timm's tf_efficientnet_lite*) or
+  # 'symmetric' (k//2: timm's efficientnet_lite*). None: from the checkpoint's layout (from scratch: 'same'); a
+  # timm file does not say which, and is an error without it.
+  c.model.padding = config_dict.placeholder(str)
   c.model.architecture = config_dict.placeholder(str)   # text from scratch: a source whose config.json to use
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "digits"   # transfer.data.build: digits, text_files, tfds_text, image_folder, npz, tfds_image
-  c.data.resolution = auto_or(64)    # images are resolution x resolution pixels; 'auto': by the images' size
+  # Images are resolution x resolution pixels; 'auto': by the training images' median shorter side (128 px for
+  # small images such as digits' 8x8, else 224, ImageNet's), printed with its reason (transfer/hyper_rule.py).
+  c.data.resolution = auto_or("auto")
   c.data.train_per_class = config_dict.placeholder(int)  # keep k labelled training images per class
   c.data.test_fraction = 0.2         # fixed stratified held-out split (images: when the data has no eval split)
   c.data.split_seed = 0              # fixes the held-out split and the training subsets
@@ -70,7 +87,10 @@ def base() -> ml_collections.ConfigDict:
   c.data.text_field = "sentence"                        # column with the text
   c.data.pair_field = config_dict.placeholder(str)      # second text column, for sentence pairs
   c.data.label_field = "label"
-  c.data.task = "auto"   # 'classification' or 'regression' (float score, MSE, Pearson/Spearman); auto: TFDS's, else cls
+  # name='lm_text' (transfer/data/lm_text.py): .jsonl prompt/response rows (the loss covers the response and its
+  # EOS), or .txt files / a folder of them (documents split by blank lines, packed into max_length rows).
+  c.data.prompt_field = "prompt"       # lm_text .jsonl: the prompt (context only, never a target)
+  c.data.response_field = "response"   # lm_text .jsonl: the response (the targets, then EOS)
   c.data.labels = config_dict.placeholder(list)         # class names in order; default: sorted distinct labels
   c.data.max_length = 64                                # tokens per example (longer texts are truncated)
   c.data.pad_to_multiple_of = 16     # each text batch cut to its longest row, rounded up to this (0: max_length)
@@ -87,7 +107,7 @@ def base() -> ml_collections.ConfigDict:
   c.grad_accum_steps = 1           # split each batch into this many sequential micro-batches
   c.eval_batch_size = 128          # the last eval batch is padded and masked
   c.total_steps = auto_or(None)    # training length: set this or total_epochs; 'auto': by the training set's size
-  c.total_epochs = config_dict.placeholder(float)
+  c.total_epochs = config_dict.placeholder(float)   # > 0; only one of total_steps and total_epochs is set
   c.label_smoothing = 0.0
   # Mixup's Beta(alpha, alpha) (0 = off; 'auto': 0.1 from 20,000 training images up), images only: on the host,
   # from (seed, step); the loss takes the blended soft labels. Not with cached features (they are per image).
@@ -116,13 +136,35 @@ def base() -> ml_collections.ConfigDict:
   c.feature_cache = "auto"
   c.feature_cache_dir = config_dict.placeholder(str)
 
-  c.log_every = 10                 # steps between metrics.jsonl rows
+  c.log_every = 10                 # steps between metrics.jsonl rows (>= 1)
   c.eval_every = 0                 # steps between evaluations (0: only at the end)
   c.checkpoint = ml_collections.ConfigDict()
-  c.checkpoint.every_steps = 100   # also saved at the end
+  c.checkpoint.every_steps = 100   # steps between saves (0: only at the end); also saved at the end
   c.checkpoint.keep_last = 2       # plus the best by best_metric
-  c.checkpoint.best_metric = "auto"   # auto: eval/accuracy, or eval/pearson for regression
-  c.checkpoint.best_mode = "max"
+  c.checkpoint.best_metric = "auto"   # auto: the task's (eval/accuracy; eval/pearson for regression)
+  c.checkpoint.best_mode = "auto"     # 'max', 'min', or auto: the task's for its metric; min for */loss, */mse,
+                                      # */perplexity; else max
   c.fault = ml_collections.ConfigDict()
   c.fault.kill_at_step = config_dict.placeholder(int)   # tests: SIGKILL the run after this step
+  c.fault.nan_at_step = config_dict.placeholder(int)    # tests: this step's input images are NaN (a non-finite loss)
   return c
+
+
+def config_args(arg: str, **defaults) -> dict:
+  """``configs/NAME.py:ARGS`` -> a dict: ``ARGS`` is ``key=value,key=value``; every key must be one of
+  ``defaults``, whose values also give each key's type (int, float, str, or None for a string that may be unset).
+  The one parser every config file uses, so a typo is an error naming the key, never silently ignored."""
+  out = dict(defaults)
+  for item in (part for part in (arg or "").split(",") if part.strip()):
+    key, sep, value = item.partition("=")
+    key = key.strip()
+    if not sep:
+      raise ValueError(f"config ARGS {arg!r}: {item!r} is not key=value")
+    if key not in defaults:
+      raise ValueError(f"config ARGS {arg!r}: unknown key {key!r}; this config takes {sorted(defaults)}")
+    kind = type(defaults[key]) if defaults[key] is not None else str
+    try:
+      out[key] = kind(value) if kind is not bool else value.lower() in ("1", "true", "yes")
+    except ValueError:
+      raise ValueError(f"config ARGS {arg!r}: {key}={value!r} is not a {kind.__name__}") from None
+  return out

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -20,12 +21,13 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from transfer import convert, data, hyper_rule, models, optim, rules
+from transfer import config_check, convert, data, hyper_rule, models, optim, rules, tasks
+from transfer import checkpoint as checkpoint_lib
 from transfer import features as features_lib
 from transfer import metrics as metrics_lib
+from transfer import workdir_lock
 from transfer.checkpoint import Checkpointer
 from transfer.data import mixup
-from transfer.models import vit
 
 
 def log(msg: str) -> None:
@@ -33,48 +35,45 @@ def log(msg: str) -> None:
 
 
 def _check_workdir(workdir: str) -> None:
+  """Creates the workdir, checks that it can be written, and takes its lock (``transfer.workdir_lock``: one run per
+  workdir; a second launch fails here, naming the run that holds it)."""
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, ".write_test")
+    probe = os.path.join(workdir, f".write_test.{os.getpid()}")   # per process: two launches cannot race on it
     with open(probe, "w") as f:
       f.write("ok")
     os.remove(probe)
   except OSError as e:
     raise PermissionError(f"--workdir {workdir!r} cannot be written: {e.strerror}") from None
+  workdir_lock.acquire(workdir, log)   # one run per workdir, until the end of the loop (or main's exit)
 
 
-def init_variables(config: ml_collections.ConfigDict, num_classes: int, example: dict):
+def init_variables(config: ml_collections.ConfigDict, num_outputs: int | None, example: dict, *, build=None):
   """(model, params as a flat dict, batch_stats, dropout rng): fresh init, then the pretrained checkpoint merged
   in wherever the ``load`` rules allow (strict diff: see ``transfer.convert.merge_pretrained``).
 
-  ``example`` is a batch (one row is enough) that fixes the input shapes."""
-  vit_model = models.family(config.model.name) == "vit"
+  ``example`` is a batch (one row is enough) that fixes the input shapes. ``build(config.model)`` makes the
+  module (default: a classifier with ``num_outputs`` outputs). Reading the checkpoint first lets it settle the
+  ``config.model`` fields it decides (a ViT's pooling and position grid) before the module is built."""
+  source_name = f"config.model.pretrained={config.model.get('pretrained')!r}"
   if config.model.get("pretrained"):
-    from transfer.pretrained import load_pretrained
-    loaded, pretrained = load_pretrained(config.model.pretrained, model=config.model.name)
-    flat_pretrained = rules.flatten(pretrained)
-    if vit_model:
-      if loaded.backbone.pooling != config.model.get("pooling", "cls"):
-        raise ValueError(f"config.model.pooling={config.model.get('pooling')!r}, but config.model.pretrained="
-                         f"{config.model.pretrained!r} " + (
-                             "has a class token: set config.model.pooling='cls'" if loaded.backbone.pooling == "cls"
-                             else "has no class token (it was trained with mean pooling): set "
-                                  "config.model.pooling='mean'"))
-      if config.model.get("posemb_grid") is None:
-        # The table stays at the checkpoint's grid; each call resamples it to the input's, once.
-        config.model.posemb_grid = loaded.backbone.posemb_grid[0]
-  model = models.build(config.model, num_classes)
+    from transfer.pretrained import convert_checkpoint
+    flat_pretrained = convert_checkpoint(config.model, source_name=source_name)
+  model = (build or (lambda cfg: models.build(cfg, num_outputs)))(config.model)
   init_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(int(config.seed)))
-  example = {k: v[:1] for k, v in example.items() if k not in ("label", "mask")}
+  example = {k: v[:1] for k, v in example.items() if k in models.family(config.model.name).example_batch()}
   variables = jax.jit(lambda r: model.init(r, example, train=False))(init_rng)
   flat_vars = {k: np.asarray(v) for k, v in rules.flatten(variables).items()}
   if config.model.get("pretrained"):
-    if vit_model:   # a config that sets another grid: the checkpoint's table resampled to it at load
-      flat_pretrained = vit.fit_checkpoint(flat_pretrained, {k: np.shape(v) for k, v in flat_vars.items()},
-                                           source_name=f"config.model.pretrained={config.model.pretrained!r}")
-    flat_vars, report = convert.merge_pretrained(
-        flat_vars, flat_pretrained, should_load=optim.load_decider(config.param_rules),
-        source_name=f"config.model.pretrained={config.model.pretrained!r}")
+    fam = models.family(config.model.name)
+    flat_pretrained = fam.fit_checkpoint(flat_pretrained, {k: np.shape(v) for k, v in flat_vars.items()},
+                                         source_name=source_name)
+    if fam.upstream_head:   # the checkpoint's own task head (a decoder's LM head), when this model has none
+      upstream = re.compile(fam.upstream_head)
+      flat_pretrained = {k: v for k, v in flat_pretrained.items() if k in flat_vars or not upstream.fullmatch(k)}
+    flat_vars, report = convert.merge_pretrained(flat_vars, flat_pretrained,
+                                                 should_load=optim.load_decider(config.param_rules),
+                                                 source_name=source_name)
     log(f"pretrained: loaded {len(report['loaded'])} tensors from {config.model.pretrained!r}; fresh: "
         f"{report['kept_init'] or 'none'}; checkpoint tensors not used: {len(report['dropped'])}")
   params = {k[len("params/"):]: v for k, v in flat_vars.items() if k.startswith("params/")}
@@ -96,7 +95,8 @@ def init_optimization(config: ml_collections.ConfigDict, model, params: dict, ba
   tx = optim.make_optimizer(config.optimizer, specs, schedule, rules.unflatten)
   trainable, frozen = rules.unflatten(trainable), rules.unflatten(frozen)
   state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "frozen": frozen,
-           "batch_stats": batch_stats, "opt_state": tx.init(trainable), "rng": rng}
+           "batch_stats": batch_stats, "opt_state": tx.init(trainable), "rng": rng,
+           "nonfinite_step": jnp.zeros((), jnp.int32)}   # see make_steps: the non-finite guard
   return specs, bool(backbone_train), schedule, tx, state
 
 
@@ -128,42 +128,36 @@ def cache_features(config, workdir: str, model, params: dict, batch_stats, train
   """Extracts (or reloads) both splits' features; returns the head-only model, params and datasets."""
   feats = features_lib.extract_or_reuse(config, workdir, params, batch_stats, {"train": train_ds, "eval": eval_ds},
                                         sharding, batch_size)
-  out = [data.ArrayDataset({"features": feats[split][0]}, ds.labels, ds.class_names, ds.name)
+  out = [data.ArrayDataset({"features": feats[split][0]}, ds.labels, ds.class_names, ds.name, task=ds.task)
          for split, ds in (("train", train_ds), ("eval", eval_ds))]
   head = models.FeatureClassifier(num_classes=train_ds.num_outputs, dropout=config.model.get("dropout", 0.0))
   head_params = {p: v for p, v in params.items() if not p.startswith("backbone/")}
   return head, head_params, {}, out[0], out[1]
 
 
-def make_steps(model, tx: optax.GradientTransformation, schedule: optax.Schedule, *, num_classes: int,
-               backbone_train: bool, accum: int = 1, smoothing: float = 0.0, regression: bool = False,
-               frozen_stats: frozenset = frozenset()):
+def make_steps(model, tx: optax.GradientTransformation, schedule: optax.Schedule, task: tasks.Task, *,
+               backbone_train: bool, accum: int = 1, frozen_stats: frozenset = frozenset()):
   """(train_step, eval_step): pure functions of (state, batch) for the caller to jit with its shardings.
 
-  Classification: softmax cross-entropy (``smoothing``: label smoothing) against ``label``: (B,) class ids, or
-  (B, num_classes) soft targets (mixup), used as they are. ``regression``: one output, mean squared error against
-  float labels; the eval step then also returns its predictions.
+  The ``task`` gives the loss (``task.loss(outputs, batch)``) and the eval sums (``task.eval_outputs``); the
+  model's outputs are cast to float32 first.
 
   ``state`` holds ``trainable`` and ``frozen`` params separately: only ``trainable`` is differentiated and frozen
   ones enter under ``stop_gradient``, so XLA drops every backward computation that only frozen weights need.
   ``frozen_stats``: flat ``batch_stats`` paths whose running averages the step keeps (``optim.frozen_batch_stats``:
   the statistics of frozen layers).
+
+  Non-finite guard: ``state['nonfinite_step']`` (0 while all is well) records the first step whose loss or
+  gradient norm is not finite, and from then on the step leaves the state as it was. The check costs no host
+  sync; the loop reads the flag where it syncs anyway (log rows, saves) and stops before a save.
   """
 
   def loss_fn(trainable, frozen, batch_stats, batch, rng):
     params = rules.unflatten({**rules.flatten(trainable), **rules.flatten(jax.lax.stop_gradient(frozen))})
-    logits, new_vars = model.apply({"params": params, "batch_stats": batch_stats}, batch, train=True,
-                                   backbone_train=backbone_train, rngs={"dropout": rng},
-                                   mutable=["batch_stats"] if backbone_train else [])
-    logits = logits.astype(jnp.float32)
-    if regression:
-      loss = jnp.mean((logits[:, 0] - batch["label"]) ** 2)
-    elif batch["label"].ndim == 2:   # soft targets
-      loss = optax.softmax_cross_entropy(logits, optax.smooth_labels(batch["label"], smoothing)).mean()
-    else:
-      targets = optax.smooth_labels(jax.nn.one_hot(batch["label"], num_classes), smoothing)
-      loss = optax.softmax_cross_entropy(logits, targets).mean()
-    return loss, new_vars.get("batch_stats", batch_stats)
+    outputs, new_vars = model.apply({"params": params, "batch_stats": batch_stats}, batch, train=True,
+                                    backbone_train=backbone_train, rngs={"dropout": rng},
+                                    mutable=["batch_stats"] if backbone_train else [])
+    return task.loss(outputs.astype(jnp.float32), batch), new_vars.get("batch_stats", batch_stats)
 
   def train_step(state, batch):
     """One optimizer step; with grad_accum_steps > 1 the batch is split into interleaved micro-batches."""
@@ -187,22 +181,22 @@ def make_steps(model, tx: optax.GradientTransformation, schedule: optax.Schedule
     if frozen_stats:   # frozen layers keep their statistics (chosen per path at trace time)
       old, new = rules.flatten(state["batch_stats"]), rules.flatten(batch_stats)
       batch_stats = rules.unflatten({k: old[k] if k in frozen_stats else v for k, v in new.items()})
+    grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
     new_state = {**state, "trainable": optax.apply_updates(state["trainable"], updates), "opt_state": opt_state,
                  "batch_stats": batch_stats, "step": state["step"] + 1}
-    return new_state, {"train/loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state["step"])}
+    # The guard: a non-finite step, or any step after one, changes nothing but the step count and the flag.
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (state["nonfinite_step"] == 0)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+    new_state = {**new_state, **{k: keep(new_state[k], state[k]) for k in ("trainable", "opt_state", "batch_stats")},
+                 "nonfinite_step": jnp.where((state["nonfinite_step"] == 0) & ~ok, state["step"] + 1,
+                                             state["nonfinite_step"])}
+    return new_state, {"train/loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"])}
 
   def eval_step(state, batch):
     params = rules.unflatten({**rules.flatten(state["trainable"]), **rules.flatten(state["frozen"])})
-    logits = model.apply({"params": params, "batch_stats": state["batch_stats"]}, batch,
-                         train=False).astype(jnp.float32)
-    if regression:  # correlations need every prediction: the host gathers them
-      loss = (logits[:, 0] - batch["label"]) ** 2
-      return {"loss": (loss * batch["mask"]).sum(), "count": batch["mask"].sum(), "prediction": logits[:, 0]}
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
-    correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
-    return {"loss": (loss * batch["mask"]).sum(), "correct": (correct * batch["mask"]).sum(),
-            "count": batch["mask"].sum()}
+    outputs = model.apply({"params": params, "batch_stats": state["batch_stats"]}, batch, train=False)
+    return task.eval_outputs(outputs.astype(jnp.float32), batch)
 
   return train_step, eval_step
 
@@ -216,22 +210,25 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) the job ``config`` describes in ``workdir``; returns the contents of results.json."""
   t_start = time.time()
   # ==============================================================================================================
-  # Setup: workdir and config. Fields left at 'auto' are filled in below (transfer/hyper_rule.py), on a
-  # copy, and config.json is written again with the picks.
+  # Setup: the config checked whole (transfer/config_check.py) before anything is read, compiled or written; the
+  # workdir. Fields left at 'auto' are filled in below (transfer/hyper_rule.py), on a copy, and config.json is
+  # written again with the picks.
   # ==============================================================================================================
+  config_check.validate(config)
   _check_workdir(workdir)
   config = copy.deepcopy(config)
   save_config(config, workdir)
 
   # ==============================================================================================================
-  # Data.
+  # Data and task (transfer/tasks: the loss, eval metrics and best metric).
   # ==============================================================================================================
-  hyper_rule.apply(config, "data.resolution", lambda: hyper_rule.resolution(data.typical_image_side(config.data)),
-                   log)
-  train_ds, eval_ds = data.build(config.data, config.model)
-  num_classes, regression = train_ds.num_outputs, train_ds.regression
-  if regression and config.get("label_smoothing", 0.0):
-    raise ValueError("config.label_smoothing applies to classes; this is a regression task: set it to 0")
+  if data.is_image_source(config.data.name):   # 'auto' (the default) by the images' size, printed with its reason
+    hyper_rule.apply(config, "data.resolution",
+                     lambda: hyper_rule.resolution(data.typical_image_side(config.data)), log)
+    log(f"data: images at {config.data.resolution} px")
+  train_ds, eval_ds = data.build(config.data, config.model, config.get("task", "auto"))
+  task = tasks.resolve(config, train_ds)
+  config.task = task.name   # config.json says the task the run learnt, not 'auto'
   batch_size, accum = int(config.batch_size), int(config.get("grad_accum_steps", 1))
   if batch_size > len(train_ds):
     raise ValueError(f"config.batch_size={batch_size} is larger than the training set {train_ds.name} "
@@ -244,15 +241,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if not total_steps:
     raise ValueError("config: set total_steps or total_epochs (> 0)")
   hyper_rule.apply(config, "schedule.warmup_steps", lambda: hyper_rule.warmup_steps(total_steps), log)
-  log(f"data: train {train_ds.name} {len(train_ds)} examples, eval {eval_ds.name} {len(eval_ds)}, "
-      f"{'a regression target' if regression else f'{num_classes} classes'}; {total_steps} steps of batch {batch_size} ({total_steps / steps_per_epoch:.1f} "
-      f"epochs)")
+  log(f"data: train {train_ds.name} {len(train_ds)} examples, eval {eval_ds.name} {len(eval_ds)}; task "
+      f"{task.name}, {task.describe(train_ds)}; {total_steps} steps of batch {batch_size} "
+      f"({total_steps / steps_per_epoch:.1f} epochs)")
 
   # ==============================================================================================================
   # Model and pretrained weights.
   # ==============================================================================================================
   example = train_ds.train_batch(0, 1, 0)
-  model, params, batch_stats, dropout_rng = init_variables(config, num_classes, example)
+  model, params, batch_stats, dropout_rng = init_variables(config, train_ds.num_outputs, example,
+                                                           build=lambda cfg: task.build_model(cfg, train_ds))
 
   # ==============================================================================================================
   # Devices: the batch is sharded over all of them, everything else replicated.
@@ -278,12 +276,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # Feature cache: a frozen backbone in inference mode runs once over the data; the head trains on its features.
   # ==============================================================================================================
   cache, images = use_feature_cache(config, specs), "image" in example
-  hyper_rule.apply(config, "mixup", lambda: hyper_rule.mixup(len(train_ds), images=images and not regression,
+  hyper_rule.apply(config, "mixup", lambda: hyper_rule.mixup(len(train_ds), images=images and task.mixes_labels,
                                                               features_cached=cache), log)
   mixup_alpha = float(config.get("mixup", 0.0))
-  if mixup_alpha and (regression or not images or cache):
+  if mixup_alpha and (not task.mixes_labels or not images or cache):
     raise ValueError(f"config.mixup={mixup_alpha} blends images and their class labels, but " + (
-        "this is a regression task" if regression else "the inputs are not images" if not images else
+        f"the {task.name} task has no class labels to blend" if not task.mixes_labels else
+        "the inputs are not images" if not images else
         "the frozen backbone's features are cached (one per image): set config.feature_cache='off' to run the "
         "backbone on blended images, or config.mixup=0"))
   save_config(config, workdir)   # with the auto rule's picks
@@ -311,46 +310,46 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # ==============================================================================================================
   # The jitted steps.
   # ==============================================================================================================
-  train_step, eval_step = make_steps(model, tx, schedule, num_classes=num_classes, backbone_train=backbone_train,
-                                     accum=accum, smoothing=float(config.get("label_smoothing", 0.0)),
-                                     regression=regression, frozen_stats=frozen_stats)
+  train_step, eval_step = make_steps(model, tx, schedule, task, backbone_train=backbone_train, accum=accum,
+                                     frozen_stats=frozen_stats)
   p_train_step = jax.jit(train_step, in_shardings=(replicated, sharded), out_shardings=(replicated, replicated),
                          donate_argnums=0)
   p_eval_step = jax.jit(eval_step, in_shardings=(replicated, sharded), out_shardings=replicated)
 
   def evaluate(state) -> dict:
-    sums, predictions = {"loss": 0.0, "correct": 0.0, "count": 0.0}, []
+    """The task's metrics over every eval example once (the last batch padded and masked)."""
+    sums, rows = {}, {}
     n_batches = -(-len(eval_ds) // eval_batch_size)
     for batch in tqdm(eval_ds.eval_batches(eval_batch_size), total=n_batches, desc="eval", leave=False,
                       dynamic_ncols=True, disable=None):
-      out = jax.device_get(p_eval_step(state, jax.device_put(batch, sharded)))
-      sums = {k: sums[k] + float(out.get(k, 0.0)) for k in sums}
-      if regression:
-        predictions.append(out["prediction"][batch["mask"] > 0])
-    if regression:
-      return {**metrics_lib.regression_metrics(np.concatenate(predictions), eval_ds.labels),
-              "eval/loss": sums["loss"] / sums["count"]}
-    return {"eval/accuracy": sums["correct"] / sums["count"], "eval/loss": sums["loss"] / sums["count"]}
+      batch_sums, batch_rows = jax.device_get(p_eval_step(state, jax.device_put(batch, sharded)))
+      for k, v in batch_sums.items():
+        sums[k] = sums.get(k, 0.0) + float(v)
+      for k, v in batch_rows.items():
+        rows.setdefault(k, []).append(np.asarray(v)[batch["mask"] > 0])
+    return task.metrics(sums, {k: np.concatenate(v) for k, v in rows.items()}, eval_ds)
 
   # ==============================================================================================================
   # Restore the last checkpoint, or start.
   # ==============================================================================================================
   state = jax.device_put(state, replicated)
   ckpt_cfg = config.checkpoint
-  best_metric = ckpt_cfg.get("best_metric")
-  if best_metric == "auto":
-    best_metric = "eval/pearson" if regression else "eval/accuracy"
+  best_metric, best_mode = ckpt_cfg.get("best_metric"), ckpt_cfg.get("best_mode", "auto")
+  best_metric = task.best_metric if best_metric == "auto" else best_metric
+  if best_mode == "auto":   # the task's direction for its metric; lower is better for losses and errors
+    best_mode = (task.best_mode if best_metric == task.best_metric else
+                 "min" if best_metric and best_metric.rsplit("/", 1)[-1] in ("loss", "perplexity", "mse") else "max")
+  ckpt_cfg.best_metric, ckpt_cfg.best_mode = best_metric, best_mode   # resolved, for config.json's readers
+  save_config(config, workdir)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep_last=ckpt_cfg.keep_last,
-                      best_metric=best_metric, best_mode=ckpt_cfg.get("best_mode", "max"))
-  start_step = ckpt.latest_step() or 0
+                      best_metric=best_metric, best_mode=best_mode, log=log)
+  # The newest checkpoint that reads back intact and finite (damaged ones are moved to checkpoints_damaged/); a
+  # saved layout that differs from this config's is a ValueError.
+  start_step, state = ckpt.restore_latest(state)
   if start_step:
-    try:
-      state = ckpt.restore(start_step, state)
-    except (ValueError, KeyError, TypeError) as e:
-      raise ValueError(f"--workdir {workdir!r} holds a checkpoint (step {start_step}) that does not fit this "
-                       f"config (another model, rules or optimizer?); use a new workdir. Orbax said: {e}") from None
     log(f"resumed from {workdir}/checkpoints step {start_step}")
-  writer = metrics_lib.MetricWriter(workdir, resume_step=start_step)
+  writer = metrics_lib.MetricWriter(workdir, resume_step=start_step, log=log)
+  nan_at = config.get("fault", {}).get("nan_at_step")
 
   # ==============================================================================================================
   # The loop.
@@ -365,7 +364,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   for step in range(start_step + 1, total_steps + 1):
     batch = train_ds.train_batch(step - 1, batch_size, seed=int(config.seed))
     if mixup_alpha:
-      batch = mixup.mix(batch, mixup_alpha, num_classes, mixup.generator(int(config.seed), step - 1))
+      batch = mixup.mix(batch, mixup_alpha, train_ds.num_outputs, mixup.generator(int(config.seed), step - 1))
+    if nan_at and step == int(nan_at):   # fault injection: an all-NaN image batch (float: one more compile)
+      batch = {**batch, "image": np.full(np.shape(batch["image"]), np.nan, np.float32)}
     t0 = time.time()
     state, step_metrics = p_train_step(state, jax.device_put(batch, sharded))
     if step == start_step + 1:  # the first step compiles: keep it out of the throughput figures
@@ -382,9 +383,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if examples_since_log:
         row["examples_per_sec"] = examples_since_log / elapsed
         timed_examples, timed_seconds = timed_examples + examples_since_log, timed_seconds + elapsed
-      if not np.isfinite(row["train/loss"]):
-        raise FloatingPointError(f"step {step}: train/loss is {row['train/loss']}; the last good checkpoint "
-                                 f"is kept in {workdir}/checkpoints")
+      ckpt.check_finite(step, state, row)   # NonFiniteError, with a report, if a step was not finite
       row.update(eval_metrics or {})
       writer.write(step, row)
       metrics = {**metrics, **row}
@@ -398,7 +397,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if kill_at and step == int(kill_at):  # fault injection: die like a preempted job, even mid-save
       os.kill(os.getpid(), signal.SIGKILL)
   bar.close()
-  ckpt.close()
+  ckpt.close()   # CheckpointWriteError if the last save failed
   writer.close()
 
   # ==============================================================================================================
@@ -419,6 +418,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   }
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump(results, f, indent=2)
+  workdir_lock.release(workdir)
   log("results: " + json.dumps(results))
   return results
 
@@ -427,26 +427,57 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 # Command line.
 # ================================================================================================================
 def main(argv=None) -> int:
+  """``python -m transfer.train``. What the user sees when a run stops, by cause:
+
+  - a bad command line (an unknown flag or field, a value of the wrong type, a config file that does not load):
+    ``error in the command line: ...``, exit 2, before any work;
+  - a bad config value or input: ``error: ...`` naming the field, file (and line) or step, exit 1. The whole config
+    is validated first (``transfer.config_check.validate``: every bad field at once, before any data is read or
+    anything compiled); later errors of this kind are ValueError (data, rules, checkpoints that do not fit),
+    OSError (missing or unreadable files, a full disk, a workdir another run holds) and FloatingPointError (a
+    non-finite loss or gradient norm: stopped before any save, with the last good checkpoint named);
+  - Ctrl-C (KeyboardInterrupt): one line saying that relaunching resumes from the last checkpoint, exit 130;
+  - any other exception is a bug: its full traceback (exit 1), which is what a bug report needs.
+
+  ``--config.FIELD=None`` clears a field, and a length the command line gives (total_steps or total_epochs,
+  schedule.warmup_steps or warmup_epochs) replaces the config file's, with a note (``transfer.config_check``)."""
   from absl import flags
   from ml_collections import config_flags
 
-  config_flag = config_flags.DEFINE_config_file("config", None, "configs/NAME.py[:ARGS]", lock_config=True)
-  flags.DEFINE_string("workdir", None, "where checkpoints, metrics and results go (resumes if it has them)")
   argv = sys.argv if argv is None else argv
+  argv, none_paths = config_check.split_none_overrides(argv)   # ml_collections' float parser rejects 'None'
+  config_flag = config_flags.DEFINE_config_file("config", None, "configs/NAME.py[:ARGS]", lock_config=True,
+                                                sys_argv=argv)
+  flags.DEFINE_string("workdir", None, "where checkpoints, metrics and results go (resumes if it has them)")
   try:
     flags.FLAGS(argv)
-  except (AttributeError, KeyError, flags.Error) as e:  # misspelt --config.X overrides land here, before any work
+    if config_flag.value is not None:
+      config_flag.value.keys()   # a config file that failed to load raises its (deferred) error here
+      config_check.set_none(config_flag.value, none_paths)
+  except (AttributeError, KeyError, ValueError, OSError, flags.Error) as e:  # misspelt --config.X overrides too
     msg = str(e).strip("'\"").replace("\\n", "\n").replace("\\'", "'")
+    if isinstance(e, (AttributeError, KeyError)):   # ml_collections names only the field (and maybe a close one)
+      field, _, rest = msg.partition("\n")
+      msg = f"the config has no field {field.strip(chr(39))!r} (all fields: transfer/config_base.py)\n{rest}".strip()
     print(f"error in the command line: {msg}", file=sys.stderr)
     return 2
   if config_flag.value is None or not flags.FLAGS.workdir:
     print("usage: python -m transfer.train --config configs/NAME.py --workdir DIR", file=sys.stderr)
     return 2
   try:
+    config_check.resolve_lengths(config_flag.value,
+                                 [*config_flags.get_override_values(flags.FLAGS["config"]), *none_paths], log)
+    config_check.validate(config_flag.value)
     train(config_flag.value, flags.FLAGS.workdir)
-  except (ValueError, FileNotFoundError, PermissionError) as e:
+  except KeyboardInterrupt:
+    print("interrupted: relaunch with the same --workdir to resume from its last checkpoint", file=sys.stderr)
+    return 130
+  except (ValueError, OSError, FloatingPointError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
+  finally:   # however the run stops: the save in flight completes, then the workdir lock is released
+    checkpoint_lib.close_all()
+    workdir_lock.release_all()
   return 0
 
 

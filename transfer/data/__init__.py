@@ -13,8 +13,13 @@ from typing import Iterator
 import numpy as np
 
 
-TOKEN_INPUTS = ("input_ids", "token_type_ids", "attention_mask")
+TOKEN_INPUTS = ("input_ids", "token_type_ids", "attention_mask", "loss_mask")   # (N, L): trimmed together
 IMAGE_SOURCES = ("image_folder", "npz", "tfds_image")   # transfer/data/images.py
+SOURCES = ("digits", "text_files", "tfds_text", "lm_text", *IMAGE_SOURCES)   # config.data.name: what build reads
+
+
+def is_image_source(name: str) -> bool:
+  return name == "digits" or name in IMAGE_SOURCES
 
 
 def train_rows(n: int, step: int, batch_size: int, seed: int) -> np.ndarray:
@@ -40,31 +45,44 @@ def eval_rows(n: int, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]
 
 @dataclasses.dataclass
 class ArrayDataset:
-  """Model inputs by name (``image`` (N, H, W, C) uint8; or ``input_ids`` ... (N, L)) and ``labels``: (N,) int32
-  class ids, or for a regression task (``class_names`` empty) (N,) float32 scores.
+  """Model inputs by name (``image`` (N, H, W, C) uint8; or ``input_ids`` ... (N, L)) and ``labels``: for
+  ``task`` 'classification' (N,) int32 ids into ``class_names``; for 'regression' (N,) float32 scores (and no
+  ``class_names``). The task is said by the loader, never guessed from the labels (``transfer.tasks``). For
+  'causal_lm' ``labels`` is None: the targets are the inputs themselves (``input_ids`` where ``loss_mask`` is 1).
 
   ``pad_to_multiple_of`` (token inputs only; 0 = off): each batch is cut to its longest row's length rounded up to
   this multiple. Short texts then cost short compute; every distinct length compiles the step once.
   """
   inputs: dict[str, np.ndarray]
-  labels: np.ndarray
+  labels: np.ndarray | None
   class_names: list[str]
   name: str
   pad_to_multiple_of: int = 0
+  task: str = "classification"
 
   def __post_init__(self):
-    if len(self.labels) == 0:
+    if (self.labels is None) != (self.task == "causal_lm"):
+      raise ValueError(f"{self.name}: a {self.task} dataset " + ("needs labels" if self.labels is None else
+                       "has no labels (its targets are its input_ids)"))
+    if self.labels is None and not self.inputs:
+      raise ValueError(f"{self.name}: a dataset without labels needs inputs")
+    if len(self) == 0:
       raise ValueError(f"{self.name}: the dataset is empty")
+    if self.task == "classification" and not self.class_names:
+      raise ValueError(f"{self.name}: a classification dataset needs class names")
+    if self.task == "regression" and self.class_names:
+      raise ValueError(f"{self.name}: a regression dataset has scores, not classes {self.class_names}")
+    first = "labels" if self.labels is not None else f"rows of {next(iter(self.inputs))!r}"
     for key, value in self.inputs.items():
-      if len(value) != len(self.labels):
-        raise ValueError(f"{self.name}: {len(value)} rows of {key!r} but {len(self.labels)} labels")
+      if len(value) != len(self):
+        raise ValueError(f"{self.name}: {len(value)} rows of {key!r} but {len(self)} {first}")
 
   def __len__(self) -> int:
-    return len(self.labels)
+    return len(self.labels) if self.labels is not None else len(next(iter(self.inputs.values())))
 
   @property
   def regression(self) -> bool:
-    return not self.class_names
+    return self.task == "regression"
 
   @property
   def num_outputs(self) -> int:
@@ -74,12 +92,16 @@ class ArrayDataset:
   def train_batch(self, step: int, batch_size: int, seed: int) -> dict[str, np.ndarray]:
     """Batch ``step`` of an endless stream of epochs (see ``train_rows``)."""
     rows = train_rows(len(self), step, batch_size, seed)
-    return self._trim({**{k: v[rows] for k, v in self.inputs.items()}, "label": self.labels[rows]})
+    return self._trim({**{k: v[rows] for k, v in self.inputs.items()}, **self._labels(rows)})
 
   def eval_batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
     """Every example exactly once; the last batch is padded and carries ``mask`` 0 on the padding."""
     for rows, mask in eval_rows(len(self), batch_size):
-      yield self._trim({**{k: v[rows] for k, v in self.inputs.items()}, "label": self.labels[rows], "mask": mask})
+      yield self._trim({**{k: v[rows] for k, v in self.inputs.items()}, **self._labels(rows), "mask": mask})
+
+  def _labels(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+    """``{'label': ...}`` for the rows, or nothing for a dataset without labels (causal LM)."""
+    return {} if self.labels is None else {"label": self.labels[rows]}
 
   def _trim(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Drops the all-padding tail columns of token inputs (see ``pad_to_multiple_of``)."""
@@ -109,9 +131,10 @@ def warn_if_eval_is_train(train: str, evaluation: str, field: str, *, paths: boo
   return same
 
 
-def build(cfg, model_cfg) -> tuple[ArrayDataset, ArrayDataset]:
+def build(cfg, model_cfg, task: str = "auto") -> tuple[ArrayDataset, ArrayDataset]:
   """(train, eval) datasets for ``config.data``; text is tokenised with ``config.model``'s own tokenizer. Image
-  sources give ``images.ImageDataset`` (same interface, augmented per batch)."""
+  sources give ``images.ImageDataset`` (same interface, augmented per batch). ``task`` (``config.task``) tells
+  text sources whose labels could be read either way how to read them."""
   if cfg.name == "digits":
     from transfer.data import digits
     return digits.load(resolution=cfg.resolution, per_class=cfg.get("train_per_class"),
@@ -124,19 +147,21 @@ def build(cfg, model_cfg) -> tuple[ArrayDataset, ArrayDataset]:
       raise ValueError(f"config.data.name={cfg.name!r} needs config.model.pretrained (or .architecture) to find "
                        "the tokenizer")
     tok = pretrained.tokenizer(source)
-    tok.check_vocab(models.bert_config(model_cfg).vocab_size, source)
-    splits = (text_files if cfg.name == "text_files" else tfds_text).load(cfg, tok)
+    tok.check_vocab(models.backbone(model_cfg).config.vocab_size, source)
+    splits = (text_files if cfg.name == "text_files" else tfds_text).load(cfg, tok, task)
     multiple = cfg.get("pad_to_multiple_of", 0)
     if multiple < 0:
       raise ValueError(f"config.data.pad_to_multiple_of must be >= 0 (0: every batch at max_length), got {multiple}")
     for split in splits:
       split.pad_to_multiple_of = multiple
     return splits
+  if cfg.name == "lm_text":   # causal-LM text: prompt/response JSONL or packed plain text (lm_text.py)
+    from transfer.data import lm_text
+    return lm_text.build(cfg, model_cfg)
   if cfg.name in IMAGE_SOURCES:
     from transfer.data import images
     return images.load(cfg)
-  raise ValueError(f"config.data.name: unknown dataset {cfg.name!r}; available: "
-                   f"{sorted(['digits', 'text_files', 'tfds_text', *IMAGE_SOURCES])}")
+  raise ValueError(f"config.data.name: unknown dataset {cfg.name!r}; available: {sorted(SOURCES)}")
 
 
 def typical_image_side(cfg) -> int:

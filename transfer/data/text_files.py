@@ -10,13 +10,42 @@ import numpy as np
 from transfer.data import ArrayDataset, warn_if_eval_is_train
 
 
+# csv's default field limit is 128 KiB (131,072 characters); a long document in one cell is legitimate data. The
+# largest value a C long holds on every platform.
+CSV_FIELD_LIMIT = 2 ** 31 - 1
+ENCODING = "utf-8"
+
+
 def read_rows(path: str, fields: list[str]) -> list[tuple[int, list[str]]]:
-  """``[(line number, [value of each field])]``; a malformed row is an error naming the file and line."""
+  """``[(line number, [value of each field])]``; a malformed row is an error naming the file and line.
+
+  Files are read as UTF-8 (a leading byte-order mark is dropped); a file in another encoding is an error naming
+  its first line that is not UTF-8."""
   if not os.path.exists(path):
     raise FileNotFoundError(f"data file {path!r} does not exist")
+  try:
+    return _parse_rows(path, fields)
+  except UnicodeDecodeError as e:
+    raise ValueError(_not_utf8(path, e)) from None
+
+
+def _not_utf8(path: str, error: UnicodeDecodeError) -> str:
+  """The error for a file that is not UTF-8, naming its first undecodable line (the decoder only knows an offset
+  in its buffer). UTF-8 never has a newline byte inside a character, so decoding line by line finds it."""
+  with open(path, "rb") as f:
+    for line_no, raw in enumerate(f, 1):
+      try:
+        raw.decode(ENCODING)
+      except UnicodeDecodeError as e:
+        return (f"{path}:{line_no}: not {ENCODING.upper()} text (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of "
+                f"the line); data files must be {ENCODING.upper()}: convert it (e.g. iconv -f latin1 -t utf-8)")
+  return f"{path}: not {ENCODING.upper()} text ({error.reason}); data files must be {ENCODING.upper()}"
+
+
+def _parse_rows(path: str, fields: list[str]) -> list[tuple[int, list[str]]]:
   ext = os.path.splitext(path)[1].lower()
   rows = []
-  with open(path, newline="", encoding="utf-8") as f:
+  with open(path, newline="", encoding=ENCODING + "-sig") as f:
     if ext == ".jsonl":
       for line_no, line in enumerate(f, 1):
         if not line.strip():
@@ -25,6 +54,9 @@ def read_rows(path: str, fields: list[str]) -> list[tuple[int, list[str]]]:
           obj = json.loads(line)
         except json.JSONDecodeError as e:
           raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+          raise ValueError(f"{path}:{line_no}: expected a JSON object with fields {fields}, got "
+                           f"{type(obj).__name__} {line.strip()[:80]!r}")
         missing = [k for k in fields if k not in obj]
         if missing:
           raise ValueError(f"{path}:{line_no}: no field(s) {missing}; the row has {sorted(obj)}")
@@ -32,20 +64,24 @@ def read_rows(path: str, fields: list[str]) -> list[tuple[int, list[str]]]:
       return rows
     if ext not in (".tsv", ".csv"):
       raise ValueError(f"data file {path!r}: unknown format {ext!r}; use .tsv, .csv or .jsonl")
+    csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))
     reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if ext == ".tsv" else csv.reader(f)
-    header = next(reader, None)
-    if header is None:
-      raise ValueError(f"{path}: the file is empty (a header row naming the columns is needed)")
-    missing = [k for k in fields if k not in header]
-    if missing:
-      raise ValueError(f"{path}: no column(s) {missing}; the header has {header}")
-    index = [header.index(k) for k in fields]
-    for row in reader:
-      if not row:
-        continue
-      if len(row) != len(header):
-        raise ValueError(f"{path}:{reader.line_num}: expected {len(header)} fields ({header}), got {len(row)}")
-      rows.append((reader.line_num, [row[i] for i in index]))
+    try:
+      header = next(reader, None)
+      if header is None:
+        raise ValueError(f"{path}: the file is empty (a header row naming the columns is needed)")
+      missing = [k for k in fields if k not in header]
+      if missing:
+        raise ValueError(f"{path}: no column(s) {missing}; the header has {header}")
+      index = [header.index(k) for k in fields]
+      for row in reader:
+        if not row:
+          continue
+        if len(row) != len(header):
+          raise ValueError(f"{path}:{reader.line_num}: expected {len(header)} fields ({header}), got {len(row)}")
+        rows.append((reader.line_num, [row[i] for i in index]))
+    except csv.Error as e:   # a NUL byte, a field over the limit, an unterminated quote
+      raise ValueError(f"{path}:{reader.line_num}: not a readable {ext[1:].upper()} row: {e}") from None
   return rows
 
 
@@ -63,18 +99,18 @@ def _score(value: str, where: str) -> float:
   except ValueError:
     score = float("nan")
   if not np.isfinite(score):
-    raise ValueError(f"{where}: label {value!r} is not a finite number (config.data.task='regression')")
+    raise ValueError(f"{where}: label {value!r} is not a finite number (config.task='regression')")
   return score
 
 
-def load(cfg, tokenizer) -> tuple[ArrayDataset, ArrayDataset]:
-  """(train, eval) for ``config.data`` of kind ``text_files``; texts tokenised to ``cfg.max_length``."""
+def load(cfg, tokenizer, task: str = "auto") -> tuple[ArrayDataset, ArrayDataset]:
+  """(train, eval) for ``config.data`` of kind ``text_files``; texts tokenised to ``cfg.max_length``. ``task``
+  (``config.task``): 'regression' reads the labels as scores; 'auto' or 'classification' as class names."""
   fields = [cfg.text_field] + ([cfg.pair_field] if cfg.get("pair_field") else []) + [cfg.label_field]
   warn_if_eval_is_train(cfg.train_file, cfg.eval_file, "eval_file", paths=True)
   splits = {"train": read_rows(cfg.train_file, fields), "eval": read_rows(cfg.eval_file, fields)}
-  task = cfg.get("task", "auto")
   if task not in ("auto", "classification", "regression"):
-    raise ValueError(f"config.data.task: {task!r} is not one of 'auto', 'classification', 'regression'")
+    raise ValueError(f"config.task={task!r}: local text files with labels serve 'classification' or 'regression'")
   regression = task == "regression"
   names = [] if regression else (list(cfg.labels) if cfg.get("labels") else
                                  _label_names([r[-1] for _, r in splits["train"]]))
@@ -100,7 +136,9 @@ def load(cfg, tokenizer) -> tuple[ArrayDataset, ArrayDataset]:
     if enc.num_truncated:
       print(f"data: {path}: {enc.num_truncated} of {len(rows)} rows truncated to {cfg.max_length} tokens",
             flush=True)
-    inputs = {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask,
-              "token_type_ids": enc.token_type_ids}
-    out.append(ArrayDataset(inputs, labels, names, f"{os.path.basename(os.path.dirname(path))}/{split}"))
+    inputs = {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask}
+    if getattr(enc, "token_type_ids", None) is not None:   # encoders' segment ids; decoders have none
+      inputs["token_type_ids"] = enc.token_type_ids
+    out.append(ArrayDataset(inputs, labels, names, f"{os.path.basename(os.path.dirname(path))}/{split}",
+                            task="regression" if regression else "classification"))
   return out[0], out[1]

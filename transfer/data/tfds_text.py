@@ -118,12 +118,12 @@ def read_split(name: str, split: str, data_dir=None, download: bool = False, *, 
   return texts, pairs, labels, class_names
 
 
-def load(cfg, tokenizer) -> tuple[ArrayDataset, ArrayDataset]:
-  """(train, eval) for ``config.data.tfds_name``, tokenised to ``cfg.max_length`` as ``text_files.load`` does."""
+def load(cfg, tokenizer, wanted: str = "auto") -> tuple[ArrayDataset, ArrayDataset]:
+  """(train, eval) for ``config.data.tfds_name``, tokenised to ``cfg.max_length`` as ``text_files.load`` does.
+  ``wanted`` (``config.task``) must be 'auto' or the dataset's own task."""
   name, t = cfg.tfds_name, task(cfg.tfds_name)
-  wanted = cfg.get("task", "auto")
   if wanted != "auto" and wanted != ("regression" if t.regression else "classification"):
-    raise ValueError(f"config.data.task={wanted!r}, but {name} is a "
+    raise ValueError(f"config.task={wanted!r}, but {name} is a "
                      f"{'regression' if t.regression else 'classification'} task (leave it at 'auto')")
   splits = (("train", cfg.get("train_split") or t.train), ("eval", cfg.get("eval_split") or t.eval))
   warn_if_eval_is_train(splits[0][1], splits[1][1], "eval_split", paths=False)
@@ -138,5 +138,6 @@ def load(cfg, tokenizer) -> tuple[ArrayDataset, ArrayDataset]:
             "tokens", flush=True)
     inputs = {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask,
               "token_type_ids": enc.token_type_ids}
-    out.append(ArrayDataset(inputs, labels, class_names, f"{name}/{split}"))
+    out.append(ArrayDataset(inputs, labels, class_names, f"{name}/{split}",
+                            task="regression" if t.regression else "classification"))
   return out[0], out[1]

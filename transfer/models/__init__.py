@@ -1,45 +1,58 @@
-"""Model registry: config.model -> a Flax classifier, and the per-family facts the trainer needs."""
+"""Model registry: the family records (``transfer/models/family.py``), and config.model -> a Flax module.
+
+Adding a family: its own module ending in ``FAMILY = Family(...)``, plus one line in ``FAMILIES`` below.
+"""
 from __future__ import annotations
 
 import ast
 
 import jax.numpy as jnp
-import numpy as np
 
-from transfer.models import efficientnet_lite, resnet, resnetv2, vit
+from transfer.models import bert, efficientnet_lite, gpt2, llama, resnet, resnetv2, vit
 from transfer.models.classifier import FeatureClassifier, ImageClassifier, TextClassifier
+from transfer.models.family import IMAGENET_NORMALIZATION, INCEPTION_NORMALIZATION, Family
 
+FAMILIES: dict[str, Family] = {f.name: f for f in (
+    efficientnet_lite.FAMILY,
+    resnet.FAMILY,
+    resnetv2.FAMILY,
+    vit.FAMILY,
+    bert.FAMILY,
+    gpt2.FAMILY,
+    llama.FAMILY,
+)}
+NAMES = sorted(name for f in FAMILIES.values() for name in f.variants)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-IMAGE_FAMILIES = {"efficientnet_lite": efficientnet_lite.VARIANTS, "resnet": resnet.VARIANTS,
-                  "bit": resnetv2.VARIANTS, "vit": vit.VARIANTS}
-NAMES = sorted(name for variants in IMAGE_FAMILIES.values() for name in variants) + ["bert"]
-
-# Per image family, the ``(mean, std)`` in pixel units its checkpoints' inputs were normalised with: scalars, or
-# one value per RGB channel. ImageClassifier applies it, so every family takes the same uint8 images.
-INPUT_NORMALIZATION = {
-    "efficientnet_lite": (127.5, 127.5),   # [-1, 1], as the TF "lite" models were trained
-    # torchvision's and timm's ResNets: ImageNet's channel mean and std (0.485, 0.456, 0.406), (0.229, 0.224,
-    # 0.225), times 255.
-    "resnet": ((123.675, 116.28, 103.53), (58.395, 57.12, 57.375)),
-    "bit": (127.5, 127.5),   # [-1, 1], as BiT was trained (timm's resnetv2_*_bit: mean = std = 0.5)
-    "vit": (127.5, 127.5),   # [-1, 1], as Google's ViTs were trained (timm's augreg weights: mean = std = 0.5)
-}
-
 
 # config.model.input_norm by name: the two conventions checkpoints are trained with.
-NAMED_NORMALIZATIONS = {
-    "imagenet": ((123.675, 116.28, 103.53), (58.395, 57.12, 57.375)),   # DeiT, DINO, torchvision, most of timm
-    "inception": (127.5, 127.5),                                         # [-1, 1]: Google's ViT and BiT, TF lite
-}
+NAMED_NORMALIZATIONS = {"imagenet": IMAGENET_NORMALIZATION, "inception": INCEPTION_NORMALIZATION}
 
 
-def input_normalization(fam: str, choice) -> tuple:
-  """``config.model.input_norm``: 'auto' (the family's usual checkpoints, ``INPUT_NORMALIZATION``), a name in
-  ``NAMED_NORMALIZATIONS``, or ``[mean, std]`` in pixel units (scalars or three per channel). A checkpoint trained
-  with another convention than its family's (DeiT or DINO ViTs: ImageNet mean/std) loads cleanly but gives
-  degraded features unless this says so."""
+def family(name: str) -> Family:
+  """The family whose variants include ``config.model.name``."""
+  for fam in FAMILIES.values():
+    if name in fam.variants:
+      return fam
+  raise ValueError(f"config.model.name: unknown model {name!r}; available: {NAMES}")
+
+
+def family_of_model_type(model_type, source_name: str) -> Family:
+  """The family that reads a Hugging Face ``config.json`` of this ``model_type``."""
+  for fam in FAMILIES.values():
+    if model_type in fam.hf_model_types:
+      return fam
+  known = sorted(t for f in FAMILIES.values() for t in f.hf_model_types)
+  raise ValueError(f"{source_name}: model_type {model_type!r} is not a family this project implements; "
+                   f"known model types: {known}")
+
+
+def input_normalization(fam: Family, choice) -> tuple:
+  """``config.model.input_norm``: 'auto' (the family's usual checkpoints), a name in ``NAMED_NORMALIZATIONS``, or
+  ``[mean, std]`` in pixel units (scalars or three per channel). A checkpoint trained with another convention than
+  its family's (DeiT or DINO ViTs: ImageNet mean/std) loads cleanly but gives degraded features unless this says
+  so."""
   if choice in (None, "auto"):
-    return INPUT_NORMALIZATION[fam]
+    return fam.input_norm
   if isinstance(choice, str) and choice.strip()[:1] in "[(":   # from the command line: '[[124,116,104],[58,57,57]]'
     try:
       choice = ast.literal_eval(choice)
@@ -67,89 +80,57 @@ def input_normalization(fam: str, choice) -> tuple:
   return mean, std
 
 
-def family(name: str) -> str:
-  for fam, variants in IMAGE_FAMILIES.items():
-    if name in variants:
-      return fam
-  if name == "bert":
-    return "bert"
-  raise ValueError(f"config.model.name: unknown model {name!r}; available: {NAMES}")
+def dtype_of(cfg):
+  name = cfg.get("dtype", "float32")
+  if name not in DTYPES:
+    raise ValueError(f"config.model.dtype: {name!r} is not one of {sorted(DTYPES)}")
+  return DTYPES[name]
 
 
-def bert_config(cfg):
-  """The BERT architecture of ``cfg.architecture`` or else ``cfg.pretrained`` (its config.json)."""
-  from transfer import pretrained
-  from transfer.models import bert
-  source = cfg.get("architecture") or cfg.get("pretrained")
-  if not source:
-    raise ValueError("config.model: a 'bert' model needs model.pretrained or model.architecture (a folder, hub "
-                     "id or short name whose config.json gives the architecture)")
-  config, path = pretrained.hf_config(source)
-  return bert.BertConfig.from_hf(config, path)
+def backbone(cfg):
+  """The backbone module of ``config.model`` alone (no head)."""
+  return family(cfg.name).backbone(cfg, dtype_of(cfg))
 
 
 def build(cfg, num_classes: int | None):
-  """``cfg``: name; images: optional width/depth overrides (small test models), dropout, drop_path, bn_momentum;
-  text: pretrained/architecture, pooling, dropout. ``dtype`` is the compute dtype for both."""
+  """A classifier: ``config.model``'s backbone and a new ``head`` of ``num_classes`` outputs (``None``: the module
+  returns the pooled features). ``cfg``: name; images: optional width/depth overrides (small test models),
+  dropout, drop_path, bn_momentum, input_norm; text: pretrained/architecture, pooling, dropout; dtype for both."""
   fam = family(cfg.name)
-  if cfg.get("dtype", "float32") not in DTYPES:
-    raise ValueError(f"config.model.dtype: {cfg.dtype!r} is not one of {sorted(DTYPES)}")
-  dtype = DTYPES[cfg.get("dtype", "float32")]
-  if fam == "bert":
-    from transfer.models import bert
-    return TextClassifier(backbone=bert.BertEncoder(bert_config(cfg), dtype=dtype), num_classes=num_classes,
-                          pooling=cfg.get("pooling", "cls"), dropout=cfg.get("dropout", 0.1))
+  if fam.inputs == "text":
+    return TextClassifier(backbone=backbone(cfg), num_classes=num_classes, pooling=cfg.get("pooling") or fam.pooling,
+                          dropout=cfg.get("dropout", 0.1))
   mean, std = input_normalization(fam, cfg.get("input_norm", "auto"))
-  return ImageClassifier(backbone=_image_backbone(fam, cfg, dtype), num_classes=num_classes,
-                         dropout=cfg.get("dropout", 0.0), input_mean=mean, input_std=std)
+  return ImageClassifier(backbone=backbone(cfg), num_classes=num_classes, dropout=cfg.get("dropout", 0.0),
+                         input_mean=mean, input_std=std)
 
 
-def _image_backbone(fam: str, cfg, dtype):
-  variant = IMAGE_FAMILIES[fam][cfg.name]
-  if fam == "efficientnet_lite":
-    return efficientnet_lite.EfficientNetLite(
-        width=cfg.get("width") or variant["width"], depth=cfg.get("depth") or variant["depth"],
-        drop_path=cfg.get("drop_path", 0.0), bn_momentum=cfg.get("bn_momentum", 0.99), dtype=dtype)
-  if fam == "vit" and cfg.get("width"):
-    raise ValueError(f"config.model.width={cfg.width}: a ViT's width comes from its name ({cfg.name}); "
-                     f"'vit-test8' is the small test size")
-  if cfg.get("depth"):
-    raise ValueError(f"config.model.depth={cfg.depth}: only EfficientNet-Lite takes a depth multiplier; "
-                     f"{cfg.name}'s depth comes from its name")
-  if fam == "resnet":
-    return resnet.ResNet(**variant, width=cfg.get("width") or 1.0, drop_path=cfg.get("drop_path", 0.0),
-                         bn_momentum=cfg.get("bn_momentum", 0.9), dtype=dtype)
-  if fam == "bit":
-    return resnetv2.ResNetV2(variant["depths"], width=cfg.get("width") or variant["width"],
-                             drop_path=cfg.get("drop_path", 0.0), dtype=dtype)
-  if fam == "vit":
-    return vit.from_variant(cfg.name, pooling=cfg.get("pooling", "cls"), drop_path=cfg.get("drop_path", 0.0),
-                            posemb_grid=cfg.get("posemb_grid"), dtype=dtype)
-  raise AssertionError(fam)
+def build_lm(cfg):
+  """A decoder with its next-token head: ``apply(variables, batch)`` -> (N, L, vocab) float32 logits."""
+  fam = family(cfg.name)
+  if fam.causal_lm is None:
+    decoders = sorted(f.name for f in FAMILIES.values() if f.causal_lm is not None)
+    raise ValueError(f"next-token prediction (config.task='causal_lm') needs a decoder; config.model.name="
+                     f"{cfg.name!r} is a {fam.kind} (decoders: {decoders})")
+  return fam.causal_lm(cfg, dtype_of(cfg))
 
 
 def example_batch(name: str) -> dict:
   """A one-row input batch that fixes the shapes for ``init`` (and ``eval_shape``)."""
-  if family(name) == "bert":
-    return {"input_ids": np.zeros((1, 8), np.int32), "attention_mask": np.ones((1, 8), np.int32),
-            "token_type_ids": np.zeros((1, 8), np.int32)}
-  return {"image": np.zeros((1, 32, 32, 3), np.uint8)}
+  return family(name).example_batch()
 
 
 def layer_regexes(model) -> list[tuple[str, object]]:
   """Depth of each backbone parameter for layer-wise learning-rate decay (the head is deepest, undecayed)."""
-  if isinstance(model, FeatureClassifier):
+  if isinstance(model, FeatureClassifier) or not hasattr(model, "backbone"):
     return []
-  if isinstance(model, TextClassifier):
-    n = model.backbone.config.num_hidden_layers
-    return [(r"backbone/embeddings/.*", 0), (r"backbone/layer_(\d+)/.*", "group+1"), (r"backbone/pooler/.*", n + 1)]
-  if isinstance(model.backbone, vit.ViT):
-    n = model.backbone.depth
-    return [(r"backbone/(patch_embed/.*|cls|pos_embedding)", 0), (r"backbone/block_(\d+)/.*", "group+1"),
-            (r"backbone/encoder_norm/.*", n + 1)]
-  if isinstance(model.backbone, resnet.ResNet):   # stage-wise: stem 0, stage s (1..4) at depth s
-    return [(r"backbone/stem_.*", 0), (r"backbone/stage(\d)_block\d+/.*", "group+0")]
-  if isinstance(model.backbone, resnetv2.ResNetV2):   # stage-wise, then the final GroupNorm
-    return [(r"backbone/stem_.*", 0), (r"backbone/stage(\d)_unit\d+/.*", "group+0"), (r"backbone/norm/.*", 5)]
-  n = len(efficientnet_lite.block_specs(model.backbone.width, model.backbone.depth))
-  return [(r"backbone/stem_.*", 0), (r"backbone/block_(\d+)/.*", "group+1"), (r"backbone/top_.*", n + 1)]
+  return family_of_module(model.backbone).layer_regexes(model.backbone)
+
+
+def family_of_module(module) -> Family:
+  """The family whose file defines this backbone module's class (its ``layer_regexes`` lives there too)."""
+  owner = type(module).__module__
+  for fam in FAMILIES.values():
+    if fam.layer_regexes.__module__ == owner:
+      return fam
+  raise ValueError(f"no model family owns a backbone of type {type(module).__name__}")

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from transfer.convert import ConversionError, KeyRow, apply_key_table
+from transfer.models.family import Family, hf_architecture, text_example
 
 # HF activation names -> functions. 'gelu' is the exact erf form; the other two are the same tanh approximation.
 ACTIVATIONS = {
@@ -252,3 +253,25 @@ def convert_hf_state_dict(state_dict: Mapping[str, np.ndarray], config: BertConf
     raise ConversionError(f"{source_name}: checkpoint has layers {layers} but the config says num_hidden_layers = "
                           f"{config.num_hidden_layers}")
   return flat
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The family record (transfer/models/family.py).
+
+def build_backbone(cfg, dtype) -> BertEncoder:
+  config, path = hf_architecture(cfg)
+  return BertEncoder(BertConfig.from_hf(config, path), dtype=dtype)
+
+
+def layer_regexes(backbone: BertEncoder) -> list:
+  n = backbone.config.num_hidden_layers
+  return [(r'backbone/embeddings/.*', 0), (r'backbone/layer_(\d+)/.*', 'group+1'), (r'backbone/pooler/.*', n + 1)]
+
+
+def convert(state, *, cfg, hf_config, source_name):
+  return convert_hf_state_dict(state, BertConfig.from_hf(hf_config, source_name), source_name=source_name)
+
+
+FAMILY = Family(name='bert', inputs='text', variants={'bert': None}, backbone=build_backbone, convert=convert,
+                layer_regexes=layer_regexes, example_batch=text_example(with_types=True), hf_model_types=MODEL_TYPES,
+                pooling='cls')

@@ -20,8 +20,8 @@ class ImageClassifier(nn.Module):
   """``backbone(images, train=...) -> (N, D)`` features, dropout, then a Dense ``head``.
 
   Images arrive as uint8 and are normalised here with the backbone's own ``(x - mean) / std`` in pixel units
-  (scalars, or one value per RGB channel), so the data pipeline does not depend on the model; the registry
-  (``transfer.models.INPUT_NORMALIZATION``) sets them per family. ``backbone_train`` runs the backbone in
+  (scalars, or one value per RGB channel), so the data pipeline does not depend on the model; each family record's
+  ``input_norm`` (``transfer/models/family.py``) sets them. ``backbone_train`` runs the backbone in
   training mode (BatchNorm batch statistics and running-average updates, stochastic depth); it is separate from
   ``train`` (the head's dropout) because a frozen backbone stays in inference mode: a fixed, cacheable feature
   extractor. ``num_classes=None`` returns the features (a checkpoint without a head).
@@ -44,12 +44,18 @@ class ImageClassifier(nn.Module):
     return _head(self.num_classes, self.zero_init_head)(features)
 
 
-class TextClassifier(nn.Module):
-  """A text encoder ``backbone(ids, mask, types, train=...) -> (hidden (N, L, H), pooled (N, H))`` and a head.
+TEXT_POOLINGS = ("cls", "first", "mean", "last")   # config.model.pooling for text (see TextClassifier)
 
-  ``pooling``: 'cls' uses the encoder's pooler (tanh dense on the first token, BERT's classification recipe),
-  'first' the first token's hidden state, 'mean' the mask-weighted mean of the hidden states (sentence-transformers'
-  recipe, what all-MiniLM-L6-v2 was trained for). ``num_classes=None`` returns the pooled features.
+
+class TextClassifier(nn.Module):
+  """A text backbone ``backbone(ids, mask[, token_type_ids], train=...) -> (hidden (N, L, H), extra)`` and a head.
+
+  ``extra`` is an encoder's pooled output (N, H) (BERT), or a decoder's cache (unused here). ``pooling``: 'cls'
+  uses the encoder's pooler (tanh dense on the first token, BERT's classification recipe), 'first' the first
+  token's hidden state, 'mean' the mask-weighted mean of the hidden states (sentence-transformers' recipe, what
+  all-MiniLM-L6-v2 was trained for), 'last' the last non-padding token's (a decoder's: the only position that has
+  seen the whole text; ``transformers``' GPT2ForSequenceClassification semantics, with left or right padding).
+  ``num_classes=None`` returns the pooled features.
   """
   backbone: nn.Module
   num_classes: int | None
@@ -61,17 +67,25 @@ class TextClassifier(nn.Module):
   def __call__(self, batch, *, train: bool = False, backbone_train: bool | None = None):
     """``backbone_train`` (default ``train``) switches the encoder's dropout, as for ImageClassifier."""
     mask = batch["attention_mask"]
-    hidden, pooled = self.backbone(batch["input_ids"], mask, batch.get("token_type_ids"),
-                                   train=train if backbone_train is None else backbone_train)
+    types = {"token_type_ids": batch["token_type_ids"]} if "token_type_ids" in batch else {}
+    hidden, extra = self.backbone(batch["input_ids"], mask, **types,
+                                  train=train if backbone_train is None else backbone_train)
     if self.pooling == "cls":
-      features = pooled
+      if extra is None or extra.ndim != 2:
+        raise ValueError("config.model.pooling='cls' needs an encoder's pooler, and this backbone has none (a "
+                         "decoder): use 'last' (the last non-padding token) or 'mean'")
+      features = extra
     elif self.pooling == "first":
       features = hidden[:, 0]
+    elif self.pooling == "last":
+      length = mask.shape[1]   # the last 1 in each row's mask: right or left padding alike
+      last = length - 1 - jnp.argmax(jnp.flip(mask, axis=1), axis=1)
+      features = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
     elif self.pooling == "mean":
       weights = mask.astype(jnp.float32)[..., None]
       features = (hidden.astype(jnp.float32) * weights).sum(1) / jnp.maximum(weights.sum(1), 1.0)
     else:
-      raise ValueError(f"config.model.pooling: {self.pooling!r} is not one of 'cls', 'first', 'mean'")
+      raise ValueError(f"config.model.pooling: {self.pooling!r} is not one of {TEXT_POOLINGS}")
     if self.num_classes is None:
       return features
     features = nn.Dropout(self.dropout, deterministic=not train)(features)

