@@ -1,0 +1,313 @@
+"""A decoder written back out as a Hugging Face folder, and a training run's parameters read from its checkpoint.
+
+``save_decoder`` writes what transformers 5's ``save_pretrained`` writes for a causal LM: ``config.json`` with its
+``architectures`` (GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM, ...), float32 ``model.safetensors`` under
+HF's key names (a tied LM head is not stored: it is the token embedding), plus the tokenizer's files. A model
+fine-tuned here then loads in ``transformers.AutoModelForCausalLM.from_pretrained`` and in
+``transfer.load_pretrained``. The parameters are checked against the model that config.json describes before
+anything is written (every missing, unexpected or mis-shaped tensor listed), and the folder is filled from a
+temporary directory beside it, so a refused export leaves nothing behind.
+
+``params_from_workdir`` reads a run's parameters (trainable and frozen merged) from its Orbax checkpoint, checked
+against the digests the trainer recorded; ``causal_lm_from_workdir`` builds the run's language model with them
+(``python -m transfer.generate --workdir``), and ``export_workdir`` (``python -m transfer.hf_export``) writes it
+out with the tokenizer of the checkpoint the run started from.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+
+import jax
+import ml_collections
+import numpy as np
+
+from transfer import checkpoint as checkpoint_lib
+from transfer import models, rules
+
+
+# Copied from the tokenizer folder when present (tokenizer.json is required: the decoders' tokenizer reads it).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "chat_template.jinja", "vocab.json", "merges.txt", "generation_config.json")
+# Weight files a folder may already hold; ``overwrite`` removes them, so none is read instead of the new one.
+_WEIGHT_PATTERNS = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json",
+                    "pytorch_model.bin", "pytorch_model-*-of-*.bin", "pytorch_model.bin.index.json")
+
+
+def _listing(paths, limit: int = 6) -> str:
+  paths = sorted(paths)
+  return ", ".join(paths[:limit]) + (f" (+{len(paths) - limit} more)" if len(paths) > limit else "")
+
+
+def check_params_fit(flat: dict, expected: dict, what: str) -> None:
+  """``flat`` and ``expected`` (``{path: shape}``) hold the same paths with the same shapes, else a ValueError
+  listing what is missing, unexpected and mis-shaped."""
+  parts = []
+  if missing := set(expected) - set(flat):
+    parts.append(f"missing {_listing(missing)}")
+  if unexpected := set(flat) - set(expected):
+    parts.append(f"unexpected {_listing(unexpected)}")
+  if changed := sorted(p for p in set(flat) & set(expected) if tuple(np.shape(flat[p])) != tuple(expected[p])):
+    parts.append("mis-shaped " + ", ".join(f"{p} {tuple(np.shape(flat[p]))} (model: {tuple(expected[p])})"
+                                           for p in changed[:6]))
+  if parts:
+    raise ValueError(f"{what}: the parameters do not fit the model: " + "; ".join(parts))
+
+
+def _lm_param_shapes(module, fam) -> dict:
+  """``{path: shape}`` of a causal LM's params (no collection prefix), from its abstract init: nothing allocated."""
+  shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), fam.example_batch()))
+  return {k: v.shape for k, v in rules.flatten(shapes.get("params", {})).items()}
+
+
+def _relative_params(flat_params) -> dict[str, np.ndarray]:
+  """Flat params keyed by module path (``backbone/wte/embedding``), as float32 numpy; ``params/``-prefixed keys
+  (``rules.flatten(variables)``) are accepted too."""
+  flat = dict(flat_params)
+  if flat and all(k.startswith("params/") for k in flat):
+    flat = {k[len("params/"):]: v for k, v in flat.items()}
+  return {k: np.asarray(v, np.float32) for k, v in flat.items()}
+
+
+def save_decoder(folder, flat_params, hf_config: dict, tokenizer_folder=None, *, overwrite: bool = False) -> str:
+  """Writes a Hugging Face causal-LM folder; returns its path.
+
+  ``flat_params``: ``{module path: array}`` of a ``CausalLM`` (``backbone/...`` and, untied, ``lm_head/kernel``),
+  as ``rules.flatten(variables['params'])`` or ``params_from_workdir`` give them. ``hf_config``: the decoder's HF
+  config dict (its ``model_type`` picks the family; vocabulary, shapes, special-token ids and tying come from it);
+  written with ``architectures`` set and dtype float32. ``tokenizer_folder``: where tokenizer.json and its
+  companions (``TOKENIZER_FILES``) are copied from; the tokenizer's ids must fit the vocabulary. A non-empty
+  ``folder`` is refused unless ``overwrite``, which replaces the files written here and removes older weight files.
+  """
+  folder = os.path.abspath(os.fspath(folder))
+  if os.path.exists(folder) and not os.path.isdir(folder):
+    raise FileExistsError(f"export folder {folder} is a file")
+  if os.path.isdir(folder) and os.listdir(folder) and not overwrite:
+    raise FileExistsError(f"export folder {folder} is not empty ({_listing(os.listdir(folder), 4)}); choose an "
+                          "empty or new folder, or pass overwrite=True (--overwrite)")
+  if not isinstance(hf_config, dict) or not isinstance(hf_config.get("model_type"), str):
+    raise ValueError("save_decoder: hf_config must be a config.json dict with a 'model_type'")
+  fam = models.family_of_model_type(hf_config["model_type"], "hf_config")
+  if fam.to_hf is None:
+    writable = sorted(f.name for f in models.FAMILIES.values() if f.to_hf is not None)
+    raise ValueError(f"hf_config: model_type {hf_config['model_type']!r} is the {fam.name} family, not a decoder; "
+                     f"export writes decoders: {writable}")
+  if tokenizer_folder is not None and not os.path.isfile(os.path.join(tokenizer_folder, "tokenizer.json")):
+    raise FileNotFoundError(f"tokenizer folder {tokenizer_folder}: no tokenizer.json to copy")
+  flat = _relative_params(flat_params)
+
+  parent = os.path.dirname(folder)
+  os.makedirs(parent, exist_ok=True)
+  staging = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.export-", dir=parent)
+  try:
+    _write_json(os.path.join(staging, "config.json"), hf_config)
+    # The model config.json describes, built as the loader builds it: every parameter must fit it exactly.
+    module = models.build_lm(ml_collections.ConfigDict({"name": fam.name, "architecture": staging}))
+    check_params_fit(flat, _lm_param_shapes(module, fam), f"export to {folder}")
+    config_json, state = fam.to_hf({"params/" + k: v for k, v in flat.items()}, hf_config=hf_config,
+                                          source_name="hf_config")
+    config_json["dtype"] = "float32"
+    if "torch_dtype" in config_json:   # its name before transformers 5
+      config_json["torch_dtype"] = "float32"
+    _write_json(os.path.join(staging, "config.json"), config_json)
+    if tokenizer_folder is not None:
+      from transfer.text.causal_tokenizer import CausalTokenizer
+      CausalTokenizer.from_folder(tokenizer_folder).check_vocab(module.backbone.config.vocab_size,
+                                                                f"tokenizer folder {tokenizer_folder}")
+      for name in TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(tokenizer_folder, name)):
+          shutil.copyfile(os.path.join(tokenizer_folder, name), os.path.join(staging, name))
+    from safetensors.numpy import save_file
+    save_file({k: np.ascontiguousarray(v, np.float32) for k, v in state.items()},
+              os.path.join(staging, "model.safetensors"), metadata={"format": "pt"})   # what transformers expects
+
+    os.makedirs(folder, exist_ok=True)
+    if overwrite:
+      for pattern in _WEIGHT_PATTERNS:
+        for stale in glob.glob(os.path.join(folder, pattern)):
+          os.remove(stale)
+    for name in os.listdir(staging):
+      os.replace(os.path.join(staging, name), os.path.join(folder, name))
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+  return folder
+
+
+def _write_json(path: str, value: dict) -> None:
+  with open(path, "w") as f:
+    json.dump(value, f, indent=2, sort_keys=True)
+    f.write("\n")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training runs: which checkpoint, its parameters, the causal LM it holds.
+# ----------------------------------------------------------------------------------------------------------------
+def read_run_config(workdir) -> ml_collections.ConfigDict:
+  """``WORKDIR/config.json`` (the resolved config the trainer wrote)."""
+  path = os.path.join(os.fspath(workdir), "config.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"--workdir {workdir}: no config.json (is it a training run's workdir?)")
+  with open(path) as f:
+    try:
+      return ml_collections.ConfigDict(json.load(f))
+    except (json.JSONDecodeError, TypeError, AttributeError) as e:
+      raise ValueError(f"{path}: not a config written by the trainer ({e})") from None
+
+
+def run_task(config) -> str | None:
+  """The task a run learned: the trainer writes it, resolved, to config.json (``task``)."""
+  task = config.get("task")
+  return None if task == "auto" else task
+
+
+def _best_metric(config, workdir) -> tuple[str, str]:
+  """(metric, 'min' or 'max') the run ranked its checkpoints by: the trainer writes both, resolved, to config.json."""
+  ckpt = config.get("checkpoint", {})
+  metric, mode = ckpt.get("best_metric"), ckpt.get("best_mode")
+  if not metric or metric == "auto" or mode not in ("min", "max"):
+    raise ValueError(f"--workdir {workdir}: config.json names no resolved best metric (checkpoint.best_metric="
+                     f"{metric!r}, best_mode={mode!r}); use --checkpoint last or a step")
+  return metric, mode
+
+
+def checkpoint_step(workdir, checkpoint="last") -> int:
+  """The step of ``checkpoint``: 'last', 'best' (by the run's best metric in metrics.jsonl, among the steps still
+  on disk) or a step number that is on disk."""
+  workdir = os.fspath(workdir)
+  directory = os.path.join(workdir, "checkpoints")
+  steps = sorted(int(n) for n in os.listdir(directory) if n.isdigit()) if os.path.isdir(directory) else []
+  if not steps:
+    raise FileNotFoundError(f"--workdir {workdir}: no checkpoint in {directory}")
+  if checkpoint == "last":
+    return steps[-1]
+  if checkpoint == "best":
+    metric, mode = _best_metric(read_run_config(workdir), workdir)
+    scores = {}
+    path = os.path.join(workdir, "metrics.jsonl")
+    if os.path.isfile(path):
+      with open(path) as f:
+        for line in f:
+          row = json.loads(line) if line.strip() else {}
+          if row.get("step") in steps and isinstance(row.get(metric), (int, float)) and math.isfinite(row[metric]):
+            scores[row["step"]] = row[metric]   # a resumed run's later row for a step wins
+    if not scores:
+      raise ValueError(f"--workdir {workdir}: none of the checkpoints (steps {steps}) has a {metric} in "
+                       f"metrics.jsonl to pick the best by; use --checkpoint last or a step")
+    # The best score; on a tie the later step (as the trainer's best-checkpoint policy keeps).
+    return min(scores, key=lambda s: (scores[s] if mode == "min" else -scores[s], -s))
+  try:
+    step = int(checkpoint)
+  except (TypeError, ValueError):
+    raise ValueError(f"--checkpoint {checkpoint!r}: use 'last', 'best' or a step number") from None
+  if step not in steps:
+    raise FileNotFoundError(f"--workdir {workdir}: no checkpoint at step {step}; saved steps: {steps}")
+  return step
+
+
+def params_from_workdir(workdir, checkpoint="last") -> tuple[ml_collections.ConfigDict, dict[str, np.ndarray]]:
+  """(the run's ``config.model``, flat params ``{module path: array}``): trainable and frozen merged, from the
+  checkpoint ``checkpoint`` picks (see ``checkpoint_step``), each array checked against the digest the trainer
+  recorded when it saved it. Only the ``params`` collection is read (decoders have no ``batch_stats``)."""
+  import orbax.checkpoint as ocp
+  workdir = os.path.abspath(os.fspath(workdir))
+  config = read_run_config(workdir)
+  step = checkpoint_step(workdir, checkpoint)
+  directory = os.path.join(workdir, "checkpoints")
+  manager = ocp.CheckpointManager(directory, item_handlers=ocp.StandardCheckpointHandler())
+  try:
+    meta = manager.item_metadata(step)
+    tree = getattr(meta, "tree", meta)
+    parts = {k: tree[k] for k in ("trainable", "frozen")}
+    abstract = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), parts)
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)
+    restored = ocp.PyTreeCheckpointer().restore(
+        os.path.join(directory, str(step), "default"),
+        args=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args, partial_restore=True))
+    digests = manager.metadata(step).custom_metadata.get("array_sha256") or {}
+  except Exception as e:   # noqa: BLE001 - Orbax and TensorStore raise many types for unreadable files
+    raise ValueError(f"--workdir {workdir}: checkpoint step {step} cannot be read: "
+                     f"{checkpoint_lib._first_line(e, 200)}") from None
+  finally:
+    manager.close()
+  got = checkpoint_lib.array_digests(restored)
+  if not digests:
+    raise ValueError(f"--workdir {workdir}: checkpoint step {step} has no array digests (_CHECKPOINT_METADATA), so "
+                     "it cannot be verified")
+  if differ := sorted(p for p in got if digests.get(p) != got[p]):
+    raise ValueError(f"--workdir {workdir}: checkpoint step {step} is damaged: {len(differ)} arrays read back "
+                     f"different from what was saved, e.g. {_listing(differ, 3)}")
+  trainable, frozen = rules.flatten(restored["trainable"] or {}), rules.flatten(restored["frozen"] or {})
+  if both := set(trainable) & set(frozen):
+    raise ValueError(f"--workdir {workdir}: step {step} holds {_listing(both, 3)} as both trainable and frozen")
+  return config.model, {k: np.asarray(v) for k, v in {**frozen, **trainable}.items()}
+
+
+def require_causal_lm(config, workdir) -> None:
+  """A run whose model is a decoder with its LM head (task causal_lm), else a ValueError saying what it is."""
+  task, model = run_task(config), config.get("model", {}).get("name")
+  if task != "causal_lm":
+    data_name = config.get("data", {}).get("name")
+    raise ValueError(f"--workdir {workdir} is a {task or 'non-causal-LM'} run (config.json: task="
+                     f"{config.get('task', 'auto')!r}, data.name={data_name!r}, model.name={model!r}); it has no "
+                     "next-token head to generate with or export. Use a causal-LM run (config.task='causal_lm', "
+                     "data.name='lm_text'), or --model with a decoder checkpoint")
+
+
+def causal_lm_from_workdir(workdir, checkpoint="last"):
+  """(``config.model``, CausalLM module, variables, step) of a causal-LM run's checkpoint, strictly checked."""
+  config = read_run_config(workdir)
+  require_causal_lm(config, workdir)
+  step = checkpoint_step(workdir, checkpoint)
+  model_cfg, flat = params_from_workdir(workdir, step)
+  module = models.build_lm(model_cfg)
+  check_params_fit(flat, _lm_param_shapes(module, models.family(model_cfg.name)), f"--workdir {workdir} step {step}")
+  return model_cfg, module, {"params": rules.unflatten(flat)}, step
+
+
+def model_source(model_cfg) -> str:
+  """The folder (or name) whose config.json and tokenizer a run's decoder comes from."""
+  source = model_cfg.get("architecture") or model_cfg.get("pretrained")
+  if not source:
+    raise ValueError("config.model has neither pretrained nor architecture: the run's tokenizer cannot be found")
+  return source
+
+
+def export_workdir(workdir, folder, *, checkpoint="last", overwrite: bool = False) -> str:
+  """A causal-LM run's checkpoint as a Hugging Face folder, with the config.json and tokenizer of its source."""
+  from transfer import pretrained
+  model_cfg, _, variables, _ = causal_lm_from_workdir(workdir, checkpoint)
+  source = model_source(model_cfg)
+  hf_config, _ = pretrained.hf_config(source)
+  return save_decoder(folder, rules.flatten(variables["params"]), hf_config,
+                      tokenizer_folder=pretrained.locate(source)[1], overwrite=overwrite)
+
+
+def main(argv=None) -> int:
+  """``python -m transfer.hf_export --workdir DIR --out FOLDER [--checkpoint last|best|STEP] [--overwrite]``."""
+  parser = argparse.ArgumentParser(prog="python -m transfer.hf_export",
+                                   description="Write a causal-LM training run's checkpoint as a Hugging Face folder.")
+  parser.add_argument("--workdir", required=True, help="the training run's workdir")
+  parser.add_argument("--out", required=True, help="the folder to write (new or empty, unless --overwrite)")
+  parser.add_argument("--checkpoint", default="last", help="'last', 'best' or a step number (default: last)")
+  parser.add_argument("--overwrite", action="store_true", help="replace the files of a non-empty --out")
+  try:
+    args = parser.parse_args(argv)
+  except SystemExit as e:
+    return int(e.code or 0)
+  try:
+    out = export_workdir(args.workdir, args.out, checkpoint=args.checkpoint, overwrite=args.overwrite)
+  except (ValueError, OSError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  print(f"wrote {out}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
