@@ -23,13 +23,12 @@ Evaluation: ``config.data.eval_file``, else ``test_fraction`` of the training fi
 """
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 
 from transfer.data import ArrayDataset, warn_if_eval_is_train
-from transfer.data.text_files import ENCODING, _not_utf8
+from transfer.data.text_files import ENCODING, _not_utf8, json_objects
 
 TEXT_SUFFIX, PAIRS_SUFFIX = ".txt", ".jsonl"
 
@@ -47,20 +46,8 @@ def read_pairs(path: str, prompt_field: str, response_field: str) -> list[tuple[
   """``[(line number, prompt, response)]`` of a JSONL file; a row without either string field names the file and
   line."""
   rows = []
-  for line_no, line in enumerate(_read_text(path).split("\n"), 1):
-    if not line.strip():
-      continue
-    try:
-      obj = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
-    if not isinstance(obj, dict):
-      raise ValueError(f"{path}:{line_no}: expected a JSON object with fields {prompt_field!r} and "
-                       f"{response_field!r}, got {type(obj).__name__}")
-    missing = [k for k in (prompt_field, response_field) if k not in obj]
-    if missing:
-      raise ValueError(f"{path}:{line_no}: no field(s) {missing} (config.data.prompt_field / response_field); "
-                       f"the row has {sorted(obj)}")
+  for line_no, obj in json_objects(path, _read_text(path).split("\n"), [prompt_field, response_field],
+                                   " (config.data.prompt_field / response_field)"):
     for k in (prompt_field, response_field):
       if not isinstance(obj[k], str):
         raise ValueError(f"{path}:{line_no}: field {k!r} is {type(obj[k]).__name__} {obj[k]!r}, not a string")

@@ -42,26 +42,31 @@ def _not_utf8(path: str, error: UnicodeDecodeError) -> str:
   return f"{path}: not {ENCODING.upper()} text ({error.reason}); data files must be {ENCODING.upper()}"
 
 
+def json_objects(path: str, lines, fields: list[str], hint: str = ""):
+  """``(line number, object)`` for each non-blank line of a JSONL file: a line that is not a JSON object with every
+  one of ``fields`` is an error naming the file and line (``hint``: which config fields name them)."""
+  for line_no, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      obj = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
+    if not isinstance(obj, dict):
+      raise ValueError(f"{path}:{line_no}: expected a JSON object with fields {fields}, got "
+                       f"{type(obj).__name__} {line.strip()[:80]!r}")
+    missing = [k for k in fields if k not in obj]
+    if missing:
+      raise ValueError(f"{path}:{line_no}: no field(s) {missing}{hint}; the row has {sorted(obj)}")
+    yield line_no, obj
+
+
 def _parse_rows(path: str, fields: list[str]) -> list[tuple[int, list[str]]]:
   ext = os.path.splitext(path)[1].lower()
   rows = []
   with open(path, newline="", encoding=ENCODING + "-sig") as f:
     if ext == ".jsonl":
-      for line_no, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        try:
-          obj = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
-        if not isinstance(obj, dict):
-          raise ValueError(f"{path}:{line_no}: expected a JSON object with fields {fields}, got "
-                           f"{type(obj).__name__} {line.strip()[:80]!r}")
-        missing = [k for k in fields if k not in obj]
-        if missing:
-          raise ValueError(f"{path}:{line_no}: no field(s) {missing}; the row has {sorted(obj)}")
-        rows.append((line_no, [str(obj[k]) for k in fields]))
-      return rows
+      return [(line_no, [str(obj[k]) for k in fields]) for line_no, obj in json_objects(path, f, fields)]
     if ext not in (".tsv", ".csv"):
       raise ValueError(f"data file {path!r}: unknown format {ext!r}; use .tsv, .csv or .jsonl")
     csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))

@@ -36,6 +36,11 @@ ACTIVATIONS = {
     'swish': jax.nn.silu,
 }
 INIT = nn.initializers.normal(0.02)  # HF's initializer_range default, for layers trained from scratch
+
+
+def dense(features: int, name: str, dtype, *, bias: bool = True) -> nn.Dense:
+  """A decoder's projection: float32 parameters, computed in ``dtype``, HF's initialisation from scratch."""
+  return nn.Dense(features, use_bias=bias, dtype=dtype, param_dtype=jnp.float32, kernel_init=INIT, name=name)
 _REQUIRED = object()
 
 

@@ -93,8 +93,7 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x, allowed, layer_cache, index, *, train: bool):
     c = self.config
-    dense = lambda feats, name: nn.Dense(feats, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=common.INIT,
-                                         name=name)
+    dense = lambda feats, name: common.dense(feats, name, self.dtype)
     split = lambda t: t.reshape(t.shape[0], t.shape[1], c.num_attention_heads, c.head_dim)
     query, key, value = (split(t) for t in jnp.split(dense(3 * c.hidden_size, 'c_attn')(x), 3, axis=-1))
     keys, values, layer_cache = common.write_layer_cache(layer_cache, key, value, index)
@@ -116,8 +115,7 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x, allowed, layer_cache, index, *, train: bool):
     c = self.config
-    dense = lambda feats, name: nn.Dense(feats, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=common.INIT,
-                                         name=name)
+    dense = lambda feats, name: common.dense(feats, name, self.dtype)
     attn, layer_cache = Attention(c, self.layer, self.dtype, name='attn')(
         _layer_norm(c, self.dtype, 'ln_1')(x), allowed, layer_cache, index, train=train)
     x = x + attn

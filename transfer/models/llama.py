@@ -208,8 +208,7 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x, positions, allowed, layer_cache, index, *, train: bool):
     c = self.config
-    dense = lambda feats, bias, name: nn.Dense(feats, use_bias=bias, dtype=self.dtype, param_dtype=jnp.float32,
-                                               kernel_init=common.INIT, name=name)
+    dense = lambda feats, bias, name: common.dense(feats, name, self.dtype, bias=bias)
     heads = lambda t, n: t.reshape(t.shape[0], t.shape[1], n, c.head_dim)
     inverse_frequencies = c.inverse_frequencies
     query = heads(dense(c.num_attention_heads * c.head_dim, c.qkv_bias, 'q_proj')(x), c.num_attention_heads)
@@ -231,8 +230,7 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x):
     c = self.config
-    dense = lambda feats, name: nn.Dense(feats, use_bias=c.mlp_bias, dtype=self.dtype, param_dtype=jnp.float32,
-                                         kernel_init=common.INIT, name=name)
+    dense = lambda feats, name: common.dense(feats, name, self.dtype, bias=c.mlp_bias)
     gate = common.ACTIVATIONS[c.hidden_act](dense(c.intermediate_size, 'gate_proj')(x))
     return dense(c.hidden_size, 'down_proj')(gate * dense(c.intermediate_size, 'up_proj')(x))
 

@@ -19,12 +19,13 @@ Special tokens:
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Sequence
 
 import numpy as np
 import tokenizers
+
+from transfer.text.tokenizer import read_json
 
 _pad_notes_said: set[str] = set()   # folders whose "pad = EOS" note has been printed
 
@@ -35,20 +36,6 @@ class CausalEncoded:
   input_ids: np.ndarray
   attention_mask: np.ndarray
   num_truncated: int
-
-
-def _read_json(folder: str, name: str) -> dict:
-  path = os.path.join(folder, name)
-  if not os.path.exists(path):
-    return {}
-  with open(path, encoding="utf-8") as f:
-    try:
-      value = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path}: not valid JSON ({e})") from None
-  if not isinstance(value, dict):
-    raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
-  return value
 
 
 def _token_string(value) -> str | None:
@@ -103,10 +90,10 @@ class CausalTokenizer:
     except Exception as e:   # the Rust library raises its own Exception type
       raise ValueError(f"{path}: not a readable tokenizers file ({e})") from None
     vocab_size = max(backend.get_vocab(with_added_tokens=True).values()) + 1
-    tok_config = _read_json(folder, "tokenizer_config.json")
-    special_map = _read_json(folder, "special_tokens_map.json")
-    model_config = _read_json(folder, "config.json")
-    gen_config = _read_json(folder, "generation_config.json")
+    tok_config = read_json(folder, "tokenizer_config.json")
+    special_map = read_json(folder, "special_tokens_map.json")
+    model_config = read_json(folder, "config.json")
+    gen_config = read_json(folder, "generation_config.json")
 
     def named(key: str) -> int | None:
       """The id of the special token the tokenizer files name for ``key``, if any."""

@@ -26,12 +26,19 @@ class Encoded:
   num_truncated: int
 
 
-def _read_json(folder: str, name: str) -> dict:
+def read_json(folder: str, name: str) -> dict:
+  """``folder/name``'s JSON object ({} when the file is absent); malformed JSON is an error naming the file."""
   path = os.path.join(folder, name)
   if not os.path.exists(path):
     return {}
   with open(path, encoding="utf-8") as f:
-    return json.load(f)
+    try:
+      value = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}: not valid JSON ({e})") from None
+  if not isinstance(value, dict):
+    raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
+  return value
 
 
 def _from_vocab_txt(path: str, config: dict, special: dict[str, str]) -> tokenizers.Tokenizer:
@@ -77,9 +84,9 @@ class Tokenizer:
   def from_folder(cls, folder, *, max_length: int | None = None) -> "Tokenizer":
     """tokenizer.json if present, else vocab.txt (WordPiece; ``do_lower_case`` from tokenizer_config.json)."""
     folder = os.fspath(folder)
-    config = _read_json(folder, "tokenizer_config.json")
+    config = read_json(folder, "tokenizer_config.json")
     special = dict(_SPECIAL)
-    for source in (config, _read_json(folder, "special_tokens_map.json")):
+    for source in (config, read_json(folder, "special_tokens_map.json")):
       for key in _SPECIAL:
         value = source.get(key)
         if value:
@@ -96,7 +103,7 @@ class Tokenizer:
       if isinstance(model_max, (int, float)) and 0 < model_max < 1e6:
         max_length = int(model_max)
       else:
-        max_length = _read_json(folder, "config.json").get("max_position_embeddings", 512)
+        max_length = read_json(folder, "config.json").get("max_position_embeddings", 512)
     return cls(backend, special, max_length)
 
   def _backend(self, max_length: int) -> tokenizers.Tokenizer:
