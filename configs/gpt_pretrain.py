@@ -20,6 +20,9 @@ import ml_collections
 
 from transfer import config_base
 
+# The ARGS of the launch command above (for the tests, which check every shipped config).
+EXAMPLE_ARG = "arch=runs/decoder/arch,text=runs/decoder/corpus.txt"
+
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   args = config_base.config_args(arg, arch=None, pretrained=None, text=None, eval_text=None, family="gpt2",

@@ -16,6 +16,9 @@ import ml_collections
 
 from transfer import config_base
 
+# The ARGS of the launch command above (for the tests, which check every shipped config).
+EXAMPLE_ARG = "init=scratch,model=runs/decoder/arch,fraction=0.1"
+
 SST2_TRAIN = 67_349
 
 

@@ -174,13 +174,16 @@ def test_none_overrides():
 # validate(): every field's type and range.
 # ------------------------------------------------------------------------------------------------------------------
 def test_validate_accepts_every_shipped_config():
-  """No false alarms: each configs/*.py (with its default argument) and the tests' tiny configs pass."""
+  """No false alarms: each configs/*.py (with its default argument, or its EXAMPLE_ARG where it needs one) and the
+  tests' tiny configs pass."""
   from transfer import config_check
   names = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "configs")) if f.endswith(".py") and f[0] != "_")
   assert len(names) >= 6
   for name in names:
-    get_config = importlib.import_module(f"configs.{name}").get_config
-    config_check.validate(get_config(*[""] * len(inspect.signature(get_config).parameters)))
+    module = importlib.import_module(f"configs.{name}")
+    get_config = module.get_config
+    arg = getattr(module, "EXAMPLE_ARG", "")
+    config_check.validate(get_config(*[arg] * len(inspect.signature(get_config).parameters)))
   config_check.validate(tiny_config())
   sys.path.insert(0, os.path.join(ROOT, "tests"))
   config_check.validate(importlib.import_module("tiny_config").get_config())
