@@ -209,10 +209,10 @@ def test_command_line_errors(folder, workdir, tmp_path, capsys):
   classifier = tmp_path / "classifier"
   classifier.mkdir()
   config = json.load(open(os.path.join(workdir, "config.json")))
-  config["data"]["name"] = "text_files"
+  config["data"]["name"], config["task"] = "text_files", "classification"   # the trainer records the task it ran
   (classifier / "config.json").write_text(json.dumps(config))
   code, _, err = _run(capsys, "--workdir", classifier, "--prompt", "the")
-  assert code == 1 and "is a classification run (config.json: task='auto', data.name='text_files'" in err, err
+  assert code == 1 and "is a classification run (config.json: task='classification', data.name='text_files'" in err, err
 
   encoder = tmp_path / "bert"
   encoder.mkdir()

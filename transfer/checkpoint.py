@@ -128,7 +128,8 @@ def _write_failure_cause(e: BaseException) -> str:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Orbax's console noise after a failed write or read: its error logs (the failure is raised to us and reported
-# once) and "Event loop is closed" from TensorStore callbacks that outlive an aborted asyncio loop.
+# once), asyncio's "Task/Future exception was never retrieved" for Orbax's own writes (the same failure, seen
+# again when the task or future is collected), and "Event loop is closed" from TensorStore callbacks that outlive an aborted loop.
 # ----------------------------------------------------------------------------------------------------------------
 class _OrbaxErrorLogs(logging.Filter):
   """Holds back Orbax's ERROR records; ``Checkpointer.close`` prints any that no raised error accounted for."""
@@ -138,7 +139,9 @@ class _OrbaxErrorLogs(logging.Filter):
     self.held: list[str] = []
 
   def filter(self, record: logging.LogRecord) -> bool:
-    if record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname:
+    message = record.getMessage() if record.name == "asyncio" else ""
+    orbax_task = "never retrieved" in message and ("orbax" in message or "OCDBT" in message)
+    if record.levelno >= logging.ERROR and (orbax_task or f"{os.sep}orbax{os.sep}" in record.pathname):
       if len(self.held) < 20:
         self.held.append(record.getMessage())
       return False
@@ -154,9 +157,10 @@ _OPEN: "weakref.WeakSet[Checkpointer]" = weakref.WeakSet()
 
 
 def _quiet_orbax_noise() -> None:
-  absl_logger = logging.getLogger("absl")
-  if _ORBAX_ERRORS not in absl_logger.filters:
-    absl_logger.addFilter(_ORBAX_ERRORS)
+  for name in ("absl", "asyncio"):
+    logger = logging.getLogger(name)
+    if _ORBAX_ERRORS not in logger.filters:
+      logger.addFilter(_ORBAX_ERRORS)
   previous = sys.unraisablehook
   if getattr(previous, "_transfer_quiet", False):
     return
