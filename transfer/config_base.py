@@ -127,7 +127,8 @@ def base() -> ml_collections.ConfigDict:
   c.optimizer.weight_decay = 0.0         # times each rule's wd_mult
   c.optimizer.grad_clip_norm = 1.0       # global-norm clipping; 0 turns it off
 
-  # The one rule list (first full-path match wins) for lr_mult, wd_mult, freeze and load; see transfer.optim.
+  # The one rule list (first full-path match wins) for lr_mult, wd_mult, freeze, load and LoRA adapters
+  # (lora=dict(rank, alpha, dropout, rslora) on Dense/conv kernels; transfer/models/lora.py); see transfer.optim.
   c.param_rules = [(".*", {})]
   c.layer_decay = 0.0              # layer-wise lr decay factor for numbered blocks (0 = off), e.g. 0.8
 

@@ -223,6 +223,12 @@ def _check_param_rules(config, errors: list[str]) -> None:
     for key in ("freeze", "load"):
       if key in fields and not isinstance(fields[key], bool):
         errors.append(f"{where}: {key}={fields[key]!r}: expected True or False")
+    if fields.get("lora") is not None:
+      from transfer.models import lora
+      try:
+        lora.parse(fields["lora"], where)
+      except ValueError as e:
+        errors.append(str(e))
 
 
 def validate(config) -> None:

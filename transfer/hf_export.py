@@ -30,6 +30,7 @@ import numpy as np
 
 from transfer import checkpoint as checkpoint_lib
 from transfer import models, rules
+from transfer.models import lora
 
 
 # Copied from the tokenizer folder when present (tokenizer.json is required: the decoders' tokenizer reads it).
@@ -213,7 +214,8 @@ def checkpoint_step(workdir, checkpoint="last") -> int:
 def params_from_workdir(workdir, checkpoint="last") -> tuple[ml_collections.ConfigDict, dict[str, np.ndarray]]:
   """(the run's ``config.model``, flat params ``{module path: array}``): trainable and frozen merged, from the
   checkpoint ``checkpoint`` picks (see ``checkpoint_step``), each array checked against the digest the trainer
-  recorded when it saved it. Only the ``params`` collection is read (decoders have no ``batch_stats``)."""
+  recorded when it saved it. Only the ``params`` collection is read (decoders have no ``batch_stats``). A LoRA
+  run's adapters come merged into their kernels (``transfer.models.lora.merge``)."""
   import orbax.checkpoint as ocp
   workdir = os.path.abspath(os.fspath(workdir))
   config = read_run_config(workdir)
@@ -245,7 +247,10 @@ def params_from_workdir(workdir, checkpoint="last") -> tuple[ml_collections.Conf
   trainable, frozen = rules.flatten(restored["trainable"] or {}), rules.flatten(restored["frozen"] or {})
   if both := set(trainable) & set(frozen):
     raise ValueError(f"--workdir {workdir}: step {step} holds {_listing(both, 3)} as both trainable and frozen")
-  return config.model, {k: np.asarray(v) for k, v in {**frozen, **trainable}.items()}
+  flat = {k: np.asarray(v) for k, v in {**frozen, **trainable}.items()}
+  if any(lora.is_adapter(p) for p in flat):   # a LoRA run: the adapters folded into their kernels
+    flat = lora.merge(flat, lora.targets(config.get("param_rules")))
+  return config.model, flat
 
 
 def require_causal_lm(config, workdir) -> None:

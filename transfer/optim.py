@@ -16,6 +16,7 @@ import numpy as np
 import optax
 
 from transfer import rules as rules_lib
+from transfer.models import lora as lora_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,9 +26,11 @@ class ParamSpec:
   wd_mult: float      # multiplies config.optimizer.weight_decay
   freeze: bool        # no gradient, no optimizer state
   load: bool          # taken from the pretrained checkpoint (False: keeps its fresh initialisation)
+  lora: lora_lib.LoraSpec | None = None   # a kernel with a LoRA adapter (then frozen itself)
+  adapter: bool = False                   # a LoRA adapter's lora_a or lora_b: its kernel's rule, trained
 
 
-RULE_FIELDS = {"lr_mult": 1.0, "wd_mult": 1.0, "freeze": False, "load": True}
+RULE_FIELDS = {"lr_mult": 1.0, "wd_mult": 1.0, "freeze": False, "load": True, "lora": None}
 
 
 def rule_values(param_rules) -> list[tuple[str, dict]]:
@@ -63,15 +66,41 @@ def layer_depths(paths, layer_regexes) -> tuple[dict[str, int], int]:
 
 
 def param_specs(param_rules, paths, *, layer_decay: float = 0.0, layer_regexes=()) -> dict[str, ParamSpec]:
-  """One ``ParamSpec`` per path: the single place a parameter's lr, wd, freezing and loading are decided."""
+  """One ``ParamSpec`` per path: the single place a parameter's lr, wd, freezing and loading are decided.
+
+  LoRA (``transfer/models/lora.py``): a kernel whose rule has ``lora`` is frozen, and its adapters
+  (``.../lora_a``, ``.../lora_b``) take that rule's lr and wd, train, and are never loaded from a checkpoint."""
   values = rule_values(param_rules)
-  assigned = rules_lib.assign(values, paths, what="config.param_rules")
+  adapters = [p for p in paths if lora_lib.is_adapter(p)]
+  # An adapter follows its kernel's rule (and depth), whatever rule its own path would match.
+  owner = {p: lora_lib.kernel_of(p) for p in adapters}
+  assigned = rules_lib.assign(values, [p for p in paths if p not in owner], what="config.param_rules")
   depths, top = layer_depths(paths, layer_regexes) if layer_decay else ({}, 0)
+  depths = {**depths, **{p: depths[k] for p, k in owner.items() if k in depths}}
   specs = {}
   for p, (i, v) in assigned.items():
     lr = float(v["lr_mult"]) * (float(layer_decay) ** (top - depths[p]) if layer_decay else 1.0)
-    specs[p] = ParamSpec(rule=i, lr_mult=lr, wd_mult=float(v["wd_mult"]),
-                         freeze=bool(v["freeze"]), load=bool(v["load"]))
+    lora = lora_lib.parse(v["lora"], f"config.param_rules[{i}] ({values[i][0]!r})")
+    if lora is not None:
+      where = f"config.param_rules[{i}] ({values[i][0]!r})"
+      if bool(v["freeze"]):
+        raise ValueError(f"{where}: lora with freeze=True trains nothing; the kernel under an adapter is frozen "
+                         "anyway, drop freeze")
+      if not p.endswith("/kernel"):
+        raise ValueError(f"{where}: LoRA adapts Dense and convolution kernels, and {p} is not one (a bias, "
+                         "scale or embedding); narrow the regex, e.g. to '.../kernel'")
+      if p[:-len("kernel")] + "lora_a" not in owner:
+        raise ValueError(f"{where}: {p} is a kernel of a layer that takes no LoRA adapter here (a depthwise or "
+                         "custom layer); adapters go on nn.Dense, nn.Conv and BiT's StdConv kernels")
+    specs[p] = ParamSpec(rule=i, lr_mult=lr, wd_mult=float(v["wd_mult"]), freeze=bool(v["freeze"]) or bool(lora),
+                         load=bool(v["load"]), lora=lora)
+  for p, kernel in owner.items():
+    spec = specs.get(kernel)
+    if spec is None or spec.lora is None:
+      raise ValueError(f"{p}: an adapter whose kernel {kernel} no LoRA rule targets (the model was built with "
+                       "other rules than config.param_rules)")
+    lr = spec.lr_mult   # the kernel's, layer decay included
+    specs[p] = ParamSpec(rule=spec.rule, lr_mult=lr, wd_mult=spec.wd_mult, freeze=False, load=False, adapter=True)
   return specs
 
 
@@ -80,6 +109,8 @@ def load_decider(param_rules) -> Callable[[str], bool]:
   compiled = rules_lib.compile_rules(rule_values(param_rules), what="config.param_rules")
 
   def should_load(path: str) -> bool:
+    if lora_lib.is_adapter(path):   # adapters start as peft's: A random, B zero
+      return False
     index, fields = rules_lib.first_match(compiled, path)
     return True if index is None else bool(fields["load"])
   return should_load
@@ -175,11 +206,16 @@ def make_optimizer(cfg, specs: Mapping[str, ParamSpec], schedule: optax.Schedule
 def rules_table(param_rules, specs: Mapping[str, ParamSpec], shapes: Mapping[str, tuple], *, lr: float,
                 weight_decay: float) -> str:
   """The table printed at start: what each rule took and what it decided."""
-  rows = [("#", "regex", "tensors", "params", "lr", "wd", "frozen", "load")]
+  adapted = any(s.adapter for s in specs.values())
+  rows = [("#", "regex", "tensors", "params", "lr", "wd", "frozen", "load") + (("lora",) if adapted else ())]
   for i, (regex, _) in enumerate(param_rules):
-    taken = [p for p, s in specs.items() if s.rule == i]
+    taken = [p for p, s in specs.items() if s.rule == i and not s.adapter]
+    adapters = [p for p, s in specs.items() if s.rule == i and s.adapter]
+    loras = sorted({specs[p].lora.describe() for p in taken if specs[p].lora})
+    lora_txt = (f"{','.join(loras)}: {len(adapters) // 2} adapters, "
+                f"{sum(int(np.prod(shapes[p])) for p in adapters):,} params") if loras else "-"
+    trained = [p for p in taken + adapters if not specs[p].freeze]   # frozen parameters have no lr or wd
     n = sum(int(np.prod(shapes[p])) for p in taken)
-    trained = [p for p in taken if not specs[p].freeze]   # frozen parameters have no lr or wd
     lrs = sorted({lr * specs[p].lr_mult for p in trained})
     lr_txt = "-" if not lrs else (f"{lrs[0]:.3g}" if len(lrs) == 1 else f"{lrs[0]:.3g}..{lrs[-1]:.3g}")
     wds = sorted({weight_decay * specs[p].wd_mult for p in trained})
@@ -187,7 +223,8 @@ def rules_table(param_rules, specs: Mapping[str, ParamSpec], shapes: Mapping[str
     frozen = {specs[p].freeze for p in taken}
     load = {specs[p].load for p in taken}
     rows.append((str(i), regex, str(len(taken)), f"{n:,}", lr_txt, wd_txt,
-                 "/".join(map(str, sorted(frozen))) or "-", "/".join(map(str, sorted(load))) or "-"))
+                 "/".join(map(str, sorted(frozen))) or "-", "/".join(map(str, sorted(load))) or "-")
+                + ((lora_txt,) if adapted else ()))
   widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
   lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)) for r in rows]
   lines.insert(1, "  ".join("-" * w for w in widths))

@@ -28,6 +28,7 @@ from transfer import metrics as metrics_lib
 from transfer import workdir_lock
 from transfer.checkpoint import Checkpointer
 from transfer.data import mixup
+from transfer.models import lora
 
 
 def log(msg: str) -> None:
@@ -59,7 +60,8 @@ def init_variables(config: ml_collections.ConfigDict, num_outputs: int | None, e
   if config.model.get("pretrained"):
     from transfer.pretrained import convert_checkpoint
     flat_pretrained = convert_checkpoint(config.model, source_name=source_name)
-  model = (build or (lambda cfg: models.build(cfg, num_outputs)))(config.model)
+  model = models.with_adapters((build or (lambda cfg: models.build(cfg, num_outputs)))(config.model),
+                               config.param_rules)
   init_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(int(config.seed)))
   example = {k: v[:1] for k, v in example.items() if k in models.family(config.model.name).example_batch()}
   variables = jax.jit(lambda r: model.init(r, example, train=False))(init_rng)
@@ -101,12 +103,16 @@ def init_optimization(config: ml_collections.ConfigDict, model, params: dict, ba
 
 
 def backbone_trains(config: ml_collections.ConfigDict, trainable_paths) -> bool:
-  """``config.model.backbone_mode``: 'train', 'inference' or 'auto' (= 'train' if a backbone parameter trains)."""
+  """``config.model.backbone_mode``: 'train', 'inference' or 'auto' (= 'train' if a backbone parameter trains).
+
+  LoRA adapters do not count: a backbone whose only trainable parameters are adapters stays in inference mode
+  (BatchNorm keeps its running statistics, the encoder's own dropout and stochastic depth are off; the adapters'
+  dropout is the regulariser). ``backbone_mode='train'`` gives batch statistics and dropout with adapters too."""
   mode = config.model.get("backbone_mode", "auto")
   if mode not in ("auto", "train", "inference"):
     raise ValueError(f"config.model.backbone_mode: {mode!r} is not 'auto', 'train' or 'inference'")
   if mode == "auto":
-    return any(p.startswith("backbone/") for p in trainable_paths)
+    return any(p.startswith("backbone/") and not lora.is_adapter(p) for p in trainable_paths)
   return mode == "train"
 
 
@@ -116,10 +122,11 @@ def use_feature_cache(config: ml_collections.ConfigDict, specs: dict) -> bool:
   choice = config.get("feature_cache", "auto")
   if choice not in ("auto", "on", "off"):
     raise ValueError(f"config.feature_cache: {choice!r} is not 'auto', 'on' or 'off'")
-  fixed = not backbone_trains(config, [p for p, s in specs.items() if not s.freeze])
+  trainable = [p for p, s in specs.items() if not s.freeze]
+  fixed = not backbone_trains(config, trainable) and not any(p.startswith("backbone/") for p in trainable)
   if choice == "on" and not fixed:
     raise ValueError("config.feature_cache='on' needs a fixed backbone: every backbone/ parameter frozen by "
-                     "config.param_rules and config.model.backbone_mode 'auto' or 'inference'")
+                     "config.param_rules (no LoRA adapters) and config.model.backbone_mode 'auto' or 'inference'")
   return fixed and choice != "off"
 
 

@@ -5,10 +5,11 @@ Adding a family: its own module ending in ``FAMILY = Family(...)``, plus one lin
 from __future__ import annotations
 
 import ast
+import dataclasses
 
 import jax.numpy as jnp
 
-from transfer.models import bert, efficientnet_lite, gpt2, llama, resnet, resnetv2, vit
+from transfer.models import bert, efficientnet_lite, gpt2, llama, lora, resnet, resnetv2, vit
 from transfer.models.classifier import FeatureClassifier, ImageClassifier, TextClassifier
 from transfer.models.family import IMAGENET_NORMALIZATION, INCEPTION_NORMALIZATION, Family
 
@@ -113,6 +114,18 @@ def build_lm(cfg):
     raise ValueError(f"next-token prediction (config.task='causal_lm') needs a decoder; config.model.name="
                      f"{cfg.name!r} is a {fam.kind} (decoders: {decoders})")
   return fam.causal_lm(cfg, dtype_of(cfg))
+
+
+def with_adapters(model, param_rules):
+  """``model`` with the LoRA adapters ``param_rules`` ask for (``transfer/models/lora.py``), or as it is when no
+  rule has ``lora``."""
+  adapters = lora.targets(param_rules)
+  if not adapters:
+    return model
+  if "adapters" not in {f.name for f in dataclasses.fields(model)}:
+    raise ValueError(f"config.param_rules ask for LoRA adapters, which a {type(model).__name__} does not take "
+                     "(a head on cached features has no backbone to adapt)")
+  return model.clone(adapters=adapters)
 
 
 def example_batch(name: str) -> dict:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
+from transfer.models import lora
+
 
 def _head(num_classes: int, zero_init: bool) -> nn.Dense:
   # A zero head starts every class at equal logits, so fine-tuning begins from the pretrained features instead
@@ -32,16 +34,18 @@ class ImageClassifier(nn.Module):
   zero_init_head: bool = True
   input_mean: float | tuple[float, float, float] = 127.5   # default: [-1, 1] inputs
   input_std: float | tuple[float, float, float] = 127.5
+  adapters: tuple = ()   # LoRA: transfer.models.lora.targets(config.param_rules)
 
   @nn.compact
   def __call__(self, batch, *, train: bool = False, backbone_train: bool | None = None):
-    mean, std = jnp.asarray(self.input_mean, jnp.float32), jnp.asarray(self.input_std, jnp.float32)
-    images = (jnp.asarray(batch["image"], jnp.float32) - mean) / std   # per-channel values: the last axis
-    features = self.backbone(images, train=train if backbone_train is None else backbone_train)
-    if self.num_classes is None:
-      return features
-    features = nn.Dropout(self.dropout, deterministic=not train)(features)
-    return _head(self.num_classes, self.zero_init_head)(features)
+    with lora.adapting(self.adapters, train=train):
+      mean, std = jnp.asarray(self.input_mean, jnp.float32), jnp.asarray(self.input_std, jnp.float32)
+      images = (jnp.asarray(batch["image"], jnp.float32) - mean) / std   # per-channel values: the last axis
+      features = self.backbone(images, train=train if backbone_train is None else backbone_train)
+      if self.num_classes is None:
+        return features
+      features = nn.Dropout(self.dropout, deterministic=not train)(features)
+      return _head(self.num_classes, self.zero_init_head)(features)
 
 
 TEXT_POOLINGS = ("cls", "first", "mean", "last")   # config.model.pooling for text (see TextClassifier)
@@ -62,34 +66,36 @@ class TextClassifier(nn.Module):
   pooling: str = "cls"
   dropout: float = 0.1
   zero_init_head: bool = True
+  adapters: tuple = ()   # LoRA: transfer.models.lora.targets(config.param_rules)
 
   @nn.compact
   def __call__(self, batch, *, train: bool = False, backbone_train: bool | None = None):
     """``backbone_train`` (default ``train``) switches the encoder's dropout, as for ImageClassifier."""
-    mask = batch["attention_mask"]
-    types = {"token_type_ids": batch["token_type_ids"]} if "token_type_ids" in batch else {}
-    hidden, extra = self.backbone(batch["input_ids"], mask, **types,
-                                  train=train if backbone_train is None else backbone_train)
-    if self.pooling == "cls":
-      if extra is None or extra.ndim != 2:
-        raise ValueError("config.model.pooling='cls' needs an encoder's pooler, and this backbone has none (a "
-                         "decoder): use 'last' (the last non-padding token) or 'mean'")
-      features = extra
-    elif self.pooling == "first":
-      features = hidden[:, 0]
-    elif self.pooling == "last":
-      length = mask.shape[1]   # the last 1 in each row's mask: right or left padding alike
-      last = length - 1 - jnp.argmax(jnp.flip(mask, axis=1), axis=1)
-      features = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
-    elif self.pooling == "mean":
-      weights = mask.astype(jnp.float32)[..., None]
-      features = (hidden.astype(jnp.float32) * weights).sum(1) / jnp.maximum(weights.sum(1), 1.0)
-    else:
-      raise ValueError(f"config.model.pooling: {self.pooling!r} is not one of {TEXT_POOLINGS}")
-    if self.num_classes is None:
-      return features
-    features = nn.Dropout(self.dropout, deterministic=not train)(features)
-    return _head(self.num_classes, self.zero_init_head)(features)
+    with lora.adapting(self.adapters, train=train):
+      mask = batch["attention_mask"]
+      types = {"token_type_ids": batch["token_type_ids"]} if "token_type_ids" in batch else {}
+      hidden, extra = self.backbone(batch["input_ids"], mask, **types,
+                                    train=train if backbone_train is None else backbone_train)
+      if self.pooling == "cls":
+        if extra is None or extra.ndim != 2:
+          raise ValueError("config.model.pooling='cls' needs an encoder's pooler, and this backbone has none (a "
+                           "decoder): use 'last' (the last non-padding token) or 'mean'")
+        features = extra
+      elif self.pooling == "first":
+        features = hidden[:, 0]
+      elif self.pooling == "last":
+        length = mask.shape[1]   # the last 1 in each row's mask: right or left padding alike
+        last = length - 1 - jnp.argmax(jnp.flip(mask, axis=1), axis=1)
+        features = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+      elif self.pooling == "mean":
+        weights = mask.astype(jnp.float32)[..., None]
+        features = (hidden.astype(jnp.float32) * weights).sum(1) / jnp.maximum(weights.sum(1), 1.0)
+      else:
+        raise ValueError(f"config.model.pooling: {self.pooling!r} is not one of {TEXT_POOLINGS}")
+      if self.num_classes is None:
+        return features
+      features = nn.Dropout(self.dropout, deterministic=not train)(features)
+      return _head(self.num_classes, self.zero_init_head)(features)
 
 
 class FeatureClassifier(nn.Module):

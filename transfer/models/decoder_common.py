@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from transfer.models import lora
+
 # HF activation names (transformers.activations.ACT2FN) -> functions, for the ones these decoders accept.
 # 'gelu' is the exact erf form; 'gelu_new' and 'gelu_pytorch_tanh' are the same tanh approximation.
 ACTIVATIONS = {
@@ -219,6 +221,7 @@ class CausalLM(nn.Module):
   """
   backbone: nn.Module
   tie_word_embeddings: bool
+  adapters: tuple = ()   # LoRA: transfer.models.lora.targets(config.param_rules)
 
   def setup(self):
     if not self.tie_word_embeddings:
@@ -227,17 +230,19 @@ class CausalLM(nn.Module):
 
   def __call__(self, batch, *, train: bool = False, backbone_train: bool | None = None):
     logits, _ = self.decode(batch['input_ids'], batch['attention_mask'], positions=batch.get('positions'),
-                            train=train if backbone_train is None else backbone_train)
+                            train=train if backbone_train is None else backbone_train, adapter_train=train)
     return logits
 
   def decode(self, input_ids, attention_mask, *, positions=None, cache=None, train: bool = False,
-             last_only: bool = False):
+             last_only: bool = False, adapter_train: bool | None = None):
     """``(logits (N, L or 1, vocab) float32, new cache)``; ``last_only`` computes the head at the last slot only
-    (generation needs nothing else, and the vocabulary projection is the largest matmul)."""
-    hidden, cache = self.backbone(input_ids, attention_mask, positions=positions, cache=cache, train=train)
-    if last_only:
-      hidden = hidden[:, -1:]
-    return self.logits(hidden), cache
+    (generation needs nothing else, and the vocabulary projection is the largest matmul). ``adapter_train``
+    (default ``train``): LoRA dropout on, which follows the training step, not the backbone's mode."""
+    with lora.adapting(self.adapters, train=train if adapter_train is None else adapter_train):
+      hidden, cache = self.backbone(input_ids, attention_mask, positions=positions, cache=cache, train=train)
+      if last_only:
+        hidden = hidden[:, -1:]
+      return self.logits(hidden), cache
 
   def logits(self, hidden):
     if self.tie_word_embeddings:

@@ -59,10 +59,15 @@ class StdConv(nn.Module):
   eps: float = 1e-8      # timm's BiT value; far below any real kernel's variance
   dtype: Any = jnp.float32
 
+  def kernel_value(self, in_features: int):
+    """The raw kernel, through a method so that a LoRA adapter can adapt it before standardisation
+    (transfer/models/lora.py: merging then stays exact)."""
+    k = self.kernel_size
+    return self.param('kernel', _conv_init, (k, k, in_features, self.features), jnp.float32)
+
   @nn.compact
   def __call__(self, x):
-    k = self.kernel_size
-    kernel = self.param('kernel', _conv_init, (k, k, x.shape[-1], self.features), jnp.float32)
+    kernel = self.kernel_value(x.shape[-1])
     mean = kernel.mean(axis=(0, 1, 2), keepdims=True)
     var = jnp.square(kernel - mean).mean(axis=(0, 1, 2), keepdims=True)
     kernel = (kernel - mean) * lax.rsqrt(var + self.eps)
