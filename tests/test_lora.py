@@ -8,6 +8,7 @@ the head change, the kernels under the adapters and the BatchNorm statistics sta
 """
 import json
 import os
+import signal
 
 import flax.linen as nn
 import jax
@@ -16,8 +17,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import restore_checkpoint, tiny_config
-from transfer import config_check, models, optim, rules, train
+from conftest import ROOT, restore_checkpoint, run_cli, tiny_config
+from safetensors.numpy import load_file, save_file
+from transfer import config_check, load_pretrained, models, optim, rules, train
 from transfer.models import bert, gpt2, llama, lora, resnetv2, vit
 from transfer.models.classifier import ImageClassifier, TextClassifier
 
@@ -205,8 +207,9 @@ def test_bad_lora_fields_fail_config_check_naming_the_rule():
 
 
 def test_lora_run_trains_adapters_and_head_only(tmp_path, capsys):
-  """EfficientNet-Lite (tiny, BatchNorm) with conv adapters: the base kernels and BatchNorm statistics stay as they
-  were (backbone in inference mode), the adapters and head move, the rules table shows the adapters."""
+  """EfficientNet-Lite (tiny, BatchNorm) with conv adapters: the backbone stays in inference mode (running
+  statistics), the adapters and the head train, the rules table shows the adapters, and the checkpoints hold the
+  trainable state only (no frozen base, no BatchNorm statistics)."""
   rule = ("backbone/.*(expand|project)_conv/kernel", dict(lora=dict(rank=4, alpha=8)))
   config = tiny_config(param_rules=[("head/.*", {}), rule, (".*", dict(freeze=True))], total_steps=4)
   config.schedule.lr, config.checkpoint.every_steps, config.checkpoint.keep_last = 0.05, 1, 4
@@ -216,19 +219,39 @@ def test_lora_run_trains_adapters_and_head_only(tmp_path, capsys):
   assert "r4 a8: 13 adapters" in out and "backbone in inference mode" in out, out
   assert results["feature_cache"] is False
   first, last = restore_checkpoint(workdir, 1), restore_checkpoint(workdir, 4)
-  trainable, frozen = rules.flatten(last["trainable"]), rules.flatten(last["frozen"])
+  assert sorted(last) == ["nonfinite_step", "opt_state", "rng", "step", "trainable"]
+  trainable = rules.flatten(last["trainable"])
   assert set(trainable) == {p for p in trainable if lora.is_adapter(p) or p.startswith("head/")}
-  assert sum(lora.is_adapter(p) for p in trainable) == 26   # block_0 has no expansion
-  assert not any(lora.is_adapter(p) for p in frozen)
-  for p, v in rules.flatten(first["frozen"]).items():
-    np.testing.assert_array_equal(frozen[p], v, err_msg=p)
-  for p, v in rules.flatten(first["batch_stats"]).items():
-    np.testing.assert_array_equal(rules.flatten(last["batch_stats"])[p], v, err_msg=p)
+  assert sum(lora.is_adapter(p) for p in trainable) == 26   # block_0 has no expansion conv
+  assert sum(v.size for v in trainable.values()) == results["trainable_params"] < results["frozen_params"] / 20
   moved = [p for p, v in rules.flatten(first["trainable"]).items() if p.endswith("lora_b")
            and not np.array_equal(trainable[p], v)]
   assert len(moved) == 13
   with open(os.path.join(workdir, "config.json")) as f:
     assert json.load(f)["param_rules"][1][1]["lora"] == {"rank": 4, "alpha": 8}
+  with open(os.path.join(workdir, train.LORA_BASE_FILE)) as f:
+    recorded = json.load(f)
+  assert recorded["source"] == "the seeded init (config.seed=0)"
+  assert any(k.startswith("frozen/backbone/") and k.endswith("_conv/kernel") for k in recorded["sha256"])
+  assert any(k.startswith("batch_stats/") for k in recorded["sha256"])
+
+
+def test_lora_kill_and_resume_gives_bit_identical_adapters(tmp_path):
+  """SIGKILL right after the step-6 save started, then a relaunch: the base is rebuilt (seeded init), checked
+  against lora_base.json, and the final adapters and head equal the uninterrupted run's bit for bit."""
+  args = ["--config", os.path.join(ROOT, "tests", "tiny_config.py") + ":lora"]
+  full = run_cli(args + ["--workdir", str(tmp_path / "full")])
+  assert full.returncode == 0, full.stderr[-3000:]
+  killed = run_cli(args + ["--workdir", str(tmp_path / "resumed"), "--config.fault.kill_at_step=6"])
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+  resumed = run_cli(args + ["--workdir", str(tmp_path / "resumed")])
+  assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr[-3000:]
+  a, b = restore_checkpoint(tmp_path / "full"), restore_checkpoint(tmp_path / "resumed")
+  assert int(a["step"]) == int(b["step"]) == 8 and "frozen" not in b
+  flat_a, flat_b = rules.flatten(a["trainable"]), rules.flatten(b["trainable"])
+  assert sorted(flat_a) == sorted(flat_b) and sum(lora.is_adapter(p) for p in flat_a) == 26
+  for p, v in flat_a.items():
+    np.testing.assert_array_equal(flat_b[p], v, err_msg=p)
 
 
 def test_lora_language_model_run_exports_merged_to_transformers(tmp_path):
@@ -255,6 +278,7 @@ def test_lora_language_model_run_exports_merged_to_transformers(tmp_path):
   saved = restore_checkpoint(workdir)
   assert sorted(rules.flatten(saved["trainable"])) == sorted(
       f"backbone/h_{i}/{part}/lora_{ab}" for i in (0, 1) for part in ("attn/c_attn", "c_fc") for ab in "ab")
+  assert "frozen" not in saved   # the base is the folder's, recorded by digest
 
   model_cfg, merged = hf_export.params_from_workdir(workdir)
   assert not any(lora.is_adapter(p) for p in merged)
@@ -262,7 +286,8 @@ def test_lora_language_model_run_exports_merged_to_transformers(tmp_path):
   batch = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
   base = models.build_lm(model_cfg)
   adapted = models.with_adapters(base, c.param_rules)
-  params = {**rules.flatten(saved["frozen"]), **rules.flatten(saved["trainable"])}
+  _, variables = load_pretrained(folder)
+  params = {**rules.flatten(variables["params"]), **rules.flatten(saved["trainable"])}
   expected = np.asarray(adapted.apply({"params": rules.unflatten(params)}, batch))
   got = np.asarray(base.apply({"params": rules.unflatten(merged)}, batch))
   scale = max(1.0, np.abs(expected).max())
@@ -275,3 +300,15 @@ def test_lora_language_model_run_exports_merged_to_transformers(tmp_path):
     original = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()(torch.tensor(ids)).logits.numpy()
   assert np.abs(theirs - expected).max() < 1e-4 * scale
   assert np.abs(original - expected).max() > 1e-2   # the adapters learnt something
+
+  # The base changes under the run (a re-saved folder with one tensor altered): resuming, exporting are refused.
+  state = load_file(os.path.join(folder, "model.safetensors"))
+  key = next(k for k in state if k.endswith("h.0.mlp.c_fc.weight"))
+  state[key] = state[key] * 1.01
+  save_file(state, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+  with pytest.raises(ValueError, match=r"the base model under this run's LoRA adapters changed: config.model."
+                                       r"pretrained='.*ckpt' now gives 1 of 28 arrays different .* e.g. "
+                                       r"frozen/backbone/h_0/c_fc/kernel"):
+    train.train(c, workdir)
+  with pytest.raises(ValueError, match=r"LoRA adapters changed since it was trained: 1 arrays differ"):
+    hf_export.params_from_workdir(workdir)

@@ -225,7 +225,7 @@ def params_from_workdir(workdir, checkpoint="last") -> tuple[ml_collections.Conf
   try:
     meta = manager.item_metadata(step)
     tree = getattr(meta, "tree", meta)
-    parts = {k: tree[k] for k in ("trainable", "frozen")}
+    parts = {k: tree[k] for k in ("trainable", "frozen") if k in tree}   # a LoRA run saves no frozen base
     abstract = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), parts)
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)
     restored = ocp.PyTreeCheckpointer().restore(
@@ -244,7 +244,12 @@ def params_from_workdir(workdir, checkpoint="last") -> tuple[ml_collections.Conf
   if differ := sorted(p for p in got if digests.get(p) != got[p]):
     raise ValueError(f"--workdir {workdir}: checkpoint step {step} is damaged: {len(differ)} arrays read back "
                      f"different from what was saved, e.g. {_listing(differ, 3)}")
-  trainable, frozen = rules.flatten(restored["trainable"] or {}), rules.flatten(restored["frozen"] or {})
+  trainable = rules.flatten(restored["trainable"] or {})
+  if "frozen" in restored:
+    frozen = rules.flatten(restored["frozen"] or {})
+  else:   # a LoRA run: its base comes from its source again, checked against the digests the run recorded
+    from transfer import train
+    frozen = train.lora_base(workdir, config, trainable)
   if both := set(trainable) & set(frozen):
     raise ValueError(f"--workdir {workdir}: step {step} holds {_listing(both, 3)} as both trainable and frozen")
   flat = {k: np.asarray(v) for k, v in {**frozen, **trainable}.items()}

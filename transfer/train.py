@@ -208,6 +208,77 @@ def make_steps(model, tx: optax.GradientTransformation, schedule: optax.Schedule
   return train_step, eval_step
 
 
+# ================================================================================================================
+# LoRA runs checkpoint what trains; the base is rebuilt from its source and checked against its recorded digests.
+# ================================================================================================================
+LORA_BASE_FILE = "lora_base.json"
+
+
+def is_lora_run(state) -> bool:
+  return any(lora.is_adapter(p) for p in rules.flatten(state["trainable"]))
+
+
+def checkpointed(state: dict, *, backbone_train: bool) -> dict:
+  """What a checkpoint holds: the whole state, or for a LoRA run the trainable state only (adapters, head,
+  optimizer, step, RNG; BatchNorm statistics too when the backbone trains them), a small fraction of the model."""
+  if not is_lora_run(state):
+    return state
+  base = {"frozen"} | (set() if backbone_train else {"batch_stats"})
+  return {k: v for k, v in state.items() if k not in base}
+
+
+def base_digests(state: dict, *, backbone_train: bool) -> dict[str, str]:
+  """SHA-256 of each array of a LoRA run's base (frozen parameters; BatchNorm statistics when they stay fixed)."""
+  base = {"frozen": state["frozen"], **({} if backbone_train else {"batch_stats": state["batch_stats"]})}
+  return checkpoint_lib.array_digests(jax.device_get(base))
+
+
+def check_lora_base(workdir: str, digests: dict[str, str], source: str, *, resumed: bool) -> None:
+  """Records the base's digests for a new run (``WORKDIR/lora_base.json``, written atomically); on resume, a base
+  that differs from the recorded one is a ValueError naming the source and the arrays that changed."""
+  path = os.path.join(workdir, LORA_BASE_FILE)
+  if not resumed:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+      json.dump({"source": source, "sha256": digests}, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+    return
+  try:
+    with open(path) as f:
+      recorded = json.load(f)
+    recorded_digests, recorded_source = dict(recorded["sha256"]), recorded.get("source")
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise ValueError(f"--workdir {workdir}: this LoRA run's checkpoints hold only its adapters, and the record of "
+                     f"the base they were trained on ({path}) cannot be read ({e}); start a new workdir") from None
+  if differ := sorted(p for p in set(recorded_digests) | set(digests) if recorded_digests.get(p) != digests.get(p)):
+    raise ValueError(f"--workdir {workdir}: the base model under this run's LoRA adapters changed: {source} now "
+                     f"gives {len(differ)} of {len(recorded_digests)} arrays different from the base the "
+                     f"checkpoints were trained on ({recorded_source}; {path}), e.g. {', '.join(differ[:3])}. "
+                     "Restore that base, or start a new workdir")
+
+
+def lora_base(workdir: str, config: ml_collections.ConfigDict, trainable: dict) -> dict:
+  """The frozen parameters (flat) of a LoRA run whose checkpoints hold ``trainable`` (flat) only: rebuilt as the run
+  built them (its pretrained source, or the seeded init) and checked against ``WORKDIR/lora_base.json``."""
+  if config.get("task") == "causal_lm":
+    build, num_outputs = models.build_lm, None
+  else:
+    build, num_outputs = None, int(np.shape(trainable["head/bias"])[0])
+  _, params, _, _ = init_variables(config, num_outputs, models.example_batch(config.model.name), build=build)
+  frozen = {p: v for p, v in params.items() if p not in trainable}
+  path = os.path.join(workdir, LORA_BASE_FILE)
+  try:
+    with open(path) as f:
+      recorded = {k: v for k, v in json.load(f)["sha256"].items() if k.startswith("frozen/")}
+  except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    raise ValueError(f"--workdir {workdir}: the record of this LoRA run's base ({path}) cannot be read ({e})") from None
+  digests = checkpoint_lib.array_digests({"frozen": rules.unflatten(frozen)})
+  if differ := sorted(p for p in set(recorded) | set(digests) if recorded.get(p) != digests.get(p)):
+    raise ValueError(f"--workdir {workdir}: the base model under this run's LoRA adapters changed since it was "
+                     f"trained: {len(differ)} arrays differ from {path}, e.g. {', '.join(differ[:3])}")
+  return frozen
+
+
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2, sort_keys=True))
@@ -352,7 +423,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                       best_metric=best_metric, best_mode=best_mode, log=log)
   # The newest checkpoint that reads back intact and finite (damaged ones are moved to checkpoints_damaged/); a
   # saved layout that differs from this config's is a ValueError.
-  start_step, state = ckpt.restore_latest(state)
+  start_step, restored = ckpt.restore_latest(checkpointed(state, backbone_train=backbone_train))
+  if is_lora_run(state):
+    base_source = (f"config.model.pretrained={config.model.pretrained!r}" if config.model.get("pretrained") else
+                   f"the seeded init (config.seed={config.seed})")
+    check_lora_base(workdir, base_digests(state, backbone_train=backbone_train), base_source,
+                    resumed=bool(start_step))
+  state = {**state, **restored}
   if start_step:
     log(f"resumed from {workdir}/checkpoints step {start_step}")
   writer = metrics_lib.MetricWriter(workdir, resume_step=start_step, log=log)
@@ -400,7 +477,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         log(f"step {step}/{total_steps}: " + ", ".join(f"{k} {v}" for k, v in shown.items()))
       t_log, examples_since_log = time.time(), 0
     if (ckpt_every and step % ckpt_every == 0) or step == total_steps:
-      ckpt.save(step, state, metrics=eval_metrics)
+      ckpt.save(step, checkpointed(state, backbone_train=backbone_train), metrics=eval_metrics)
     if kill_at and step == int(kill_at):  # fault injection: die like a preempted job, even mid-save
       os.kill(os.getpid(), signal.SIGKILL)
   bar.close()
