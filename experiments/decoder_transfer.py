@@ -147,7 +147,7 @@ def main() -> None:
   out["downstream"] = rows
   out["total_wall_seconds"] = time.time() - t0
   text = table(rows)
-  print("\nSST-2 dev accuracy (872 sentences), GPT-2 4x256 decoder, last-token head\n\n" + text, flush=True)
+  print("\nSST-2 dev accuracy (872 sentences), GPT-2 4x256 decoder, mean-pooled head\n\n" + text, flush=True)
   for path in filter(None, (os.path.join(work, "decoder_transfer.json"), args.results)):
     with open(path, "w") as f:
       json.dump(out, f, indent=2)

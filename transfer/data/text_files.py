@@ -135,8 +135,10 @@ def load(cfg, tokenizer, task: str = "auto") -> tuple[ArrayDataset, ArrayDataset
         if r[-1] not in ids:
           raise ValueError(f"{path}:{line_no}: label {r[-1]!r} is not one of the classes {names}")
       labels = np.array([ids[r[-1]] for _, r in rows], np.int32)
-    texts = [r[0] for _, r in rows]
-    pairs = [r[1] for _, r in rows] if cfg.get("pair_field") else None
+    # Without their surrounding whitespace: SST-2's sentences end with a space, which a byte-level BPE (GPT-2's)
+    # makes a token of its own, the one a decoder's last-token head would then always read.
+    texts = [r[0].strip() for _, r in rows]
+    pairs = [r[1].strip() for _, r in rows] if cfg.get("pair_field") else None
     enc = tokenizer.encode(texts, pairs, max_length=cfg.max_length, pad_to=cfg.max_length)
     if enc.num_truncated:
       print(f"data: {path}: {enc.num_truncated} of {len(rows)} rows truncated to {cfg.max_length} tokens",

@@ -49,10 +49,11 @@ def task(name: str) -> Task:
 
 
 def _text(value) -> str:
-  """Real array_record data decodes Text to bytes, TFDS's mock data to str: both become str."""
+  """Real array_record data decodes Text to bytes, TFDS's mock data to str: both become str, without surrounding
+  whitespace (as text_files: GLUE's SST-2 sentences end with a space)."""
   if isinstance(value, np.ndarray):
     value = value.item()
-  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+  return (value.decode("utf-8") if isinstance(value, bytes) else str(value)).strip()
 
 
 def open_source(name: str, split: str, data_dir, download: bool):
