@@ -40,9 +40,10 @@ The workloads, one per model family:
   next-token cross-entropy over every token of a fixed batch of random ids (no padding). Their random weights are a
   seeded ``transformers`` ``GPT2LMHeadModel``/``LlamaForCausalLM`` (dropout 0 in its config) that the JAX child's
   torch-only helper ``save_pretrained``s to a temporary folder, read by the trainer as ``config.model.pretrained``.
-  Their modes: ``full`` (every weight trains, at the backbone lr 1e-4), ``frozen`` (only the final norm trains,
-  at 1e-3: the LM head is tied to the token embedding, and training that would need the whole backward) and
-  ``decode`` (greedy generation, below). PyTorch: the same ``transformers`` model, ``F.cross_entropy`` over the
+  Their modes: ``full`` (every weight trains, at the backbone lr 1e-4), ``lora`` (rank-8 adapters, alpha 16, on
+  the attention projections, every other weight frozen, at 1e-3; PyTorch: ``peft`` with the same targets),
+  ``frozen`` (only the final norm trains, at 1e-3: the LM head is tied to the token embedding, and training that
+  would need the whole backward) and ``decode`` (greedy generation, below). PyTorch: the same ``transformers`` model, ``F.cross_entropy`` over the
   shifted logits, AdamW over the parameters with ``requires_grad`` (see ``_torch_decoder_case``).
   ``gpt2-tiny`` and ``llama-tiny`` are the same at 2 layers x 64 wide with weights N(0, 0.2), for tests
   (tests/test_bench_decoder.py); ``--model all`` leaves them out.
@@ -127,6 +128,7 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
 LR, BACKBONE_LR_MULT, WEIGHT_DECAY, CLIP_NORM = 1e-3, 0.1, 1e-4, 1.0
+LORA_RANK, LORA_ALPHA = 8, 16         # decoders' ``lora`` mode, both frameworks
 SEED = 0
 MODES = ("full", "frozen", "inference")
 
@@ -410,13 +412,13 @@ class DecoderWorkload:
   parameter count and which weights train in ``frozen``."""
   size_unit, default_sizes = "tokens", (128,)
   default_batch = 8                  # train modes; decode has its own (--decode-batch)
-  modes = ("full", "frozen", "decode")
+  modes = ("full", "lora", "frozen", "decode")
   num_classes = None                 # no classes: the first-loss check compares the two frameworks instead
   random_weights = True
   smoke_only = False                 # True: a tiny shape for tests, left out of --model all
   frameworks = {"jax": "JAX", "torch": "PyTorch"}
   ratio_notes = {}
-  packages = ("transformers", "safetensors")
+  packages = ("transformers", "safetensors", "peft")
   torch_imports = ("transformers",)
   initializer_range = 0.02           # HF's default
 
@@ -456,10 +458,14 @@ class DecoderWorkload:
     norm, at the full lr (as a head); ``decode`` trains nothing (the rules only say what loads: everything)."""
     if mode == "frozen":
       return [(self.frozen_trains, {}), (".*", dict(freeze=True))]
+    if mode == "lora":
+      return [(self.lora_targets, dict(lora=dict(rank=LORA_RANK, alpha=LORA_ALPHA))), (".*", dict(freeze=True))]
     return [(".*", dict(lr_mult=BACKBONE_LR_MULT))]
 
   def trains(self, mode: str) -> str:
-    return {"full": "every weight", "decode": "nothing (generation)"}.get(mode, self.frozen_note)
+    lora = (f"LoRA rank {LORA_RANK}, alpha {LORA_ALPHA} on {self.lora_note} (every other weight frozen); "
+            f"PyTorch: peft with the same targets")
+    return {"full": "every weight", "decode": "nothing (generation)", "lora": lora}.get(mode, self.frozen_note)
 
   def describe(self) -> dict:
     return {"pretrained": None, "weights": f"random: transformers.{self.model_class}({self.config_class}(...)) "
@@ -487,6 +493,7 @@ class GPT2Small(DecoderWorkload):
   frozen_trains, torch_frozen_trains = r"backbone/ln_f/.*", r"transformer\.ln_f\..*"
   frozen_note = ("the final LayerNorm only (backbone/ln_f/.*); the LM head is tied to the token embedding, which "
                  "stays frozen")
+  lora_targets, torch_lora_targets, lora_note = r"backbone/.*/c_attn/kernel", ["c_attn"], "the fused q/k/v projection"
 
 
 class GPT2Tiny(GPT2Small):
@@ -513,6 +520,8 @@ class Llama100M(DecoderWorkload):
   frozen_trains, torch_frozen_trains = r"backbone/norm/.*", r"model\.norm\..*"
   frozen_note = ("the final RMSNorm only (backbone/norm/.*); the LM head is tied to the token embedding, which "
                  "stays frozen")
+  lora_targets, torch_lora_targets = r"backbone/.*/(q_proj|v_proj)/kernel", ["q_proj", "v_proj"]
+  lora_note = "the query and value projections"
 
 
 class LlamaTiny(Llama100M):
@@ -642,7 +651,9 @@ def _jax_case(workload, mode: str, size: int, args) -> dict:
       out["write_reference_weights_s"] = time.perf_counter() - t0
     model, params, batch_stats, dropout_rng = train_lib.init_variables(
         config, workload.num_classes, inputs, build=(lambda cfg: task.build_model(cfg, None)) if decoder else None)
-  out["weights_fingerprint"] = _fingerprint([v for k, v in sorted(params.items()) if not k.startswith("head/")] +
+  backbone = {k: v for k, v in params.items()   # not the new head, not LoRA adapters (PyTorch's: before peft)
+              if not k.startswith("head/") and k.rsplit("/", 1)[-1] not in ("lora_a", "lora_b")}
+  out["weights_fingerprint"] = _fingerprint([v for _, v in sorted(backbone.items())] +
                                             [v for _, v in sorted(rules.flatten(batch_stats).items())])
   if mode == "decode":
     out.update(_jax_decode(model, params, inputs, args), params=optim.count(params), rss_end_mb=_current_rss_mb())
@@ -863,9 +874,16 @@ def _torch_decoder_case(workload, framework: str, mode: str, size: int, args) ->
     out.update(_decode_timing(first_s, call_times, new_ids, args), compile_s=None, rss_end_mb=_current_rss_mb())
     return out
 
-  frozen_trains = re.compile(workload.torch_frozen_trains)
-  for name, p in params.items():
-    p.requires_grad_(mode == "full" or bool(frozen_trains.fullmatch(name)))
+  if mode == "lora":   # peft's adapters (B zero: the same first loss); it freezes every other weight itself
+    import peft
+    model = peft.get_peft_model(model, peft.LoraConfig(
+        r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=workload.torch_lora_targets,
+        fan_in_fan_out=workload.family == "gpt2"))
+    params = dict(model.named_parameters())
+  else:
+    frozen_trains = re.compile(workload.torch_frozen_trains)
+    for name, p in params.items():
+      p.requires_grad_(mode == "full" or bool(frozen_trains.fullmatch(name)))
   trainable = [p for p in params.values() if p.requires_grad]
   out.update(trainable_params=sum(p.numel() for p in trainable),
              frozen_params=sum(p.numel() for p in params.values() if not p.requires_grad))

@@ -20,7 +20,7 @@ import pytest
 from conftest import ROOT
 
 LOSS_TOL = 1e-3    # |JAX - PyTorch| first loss: same weights, same batch, no dropout (float32 differences ~1e-6)
-TINY_RUNS = {"gpt2-tiny": "full", "llama-tiny": "frozen"}   # model: its train mode (each also runs decode)
+TINY_RUNS = {"gpt2-tiny": "lora", "llama-tiny": "full"}   # model: its train mode (each also runs decode)
 TRAIN_LENGTH, BATCH, PROMPT, NEW_TOKENS, DECODE_BATCH = 32, 2, 8, 8, 2
 
 
@@ -73,9 +73,11 @@ def test_tiny_decoder_rows_train_and_generate_from_the_same_start(tmp_path):
     jax_loss, torch_loss = train["jax"]["loss_first"], train["torch"]["loss_first"]
     assert abs(jax_loss - torch_loss) <= LOSS_TOL, (jax_loss, torch_loss)
     assert abs(jax_loss - math.log(workload.vocab_size)) > 0.5, jax_loss
-    # The same weights train on both sides: all of them (full), or only the final norm (frozen).
-    hidden = workload.hf_config().hidden_size
-    expected = workload.params if mode == "full" else hidden * (2 if model.startswith("gpt2") else 1)
+    # The same weights train on both sides: all of them (full), only the final norm (frozen), or rank-8 adapters
+    # on GPT-2's fused q/k/v projection (lora: peft's with fan_in_fan_out for the Conv1D), r * (in + out) each.
+    hidden, layers = workload.hf_config().hidden_size, workload.hf_config().num_hidden_layers
+    expected = {"full": workload.params, "frozen": hidden * (2 if model.startswith("gpt2") else 1),
+                "lora": layers * bench.LORA_RANK * (hidden + 3 * hidden)}[mode]
     assert train["jax"]["trainable_params"] == train["torch"]["trainable_params"] == expected, train
     assert train["jax"]["trains"] == workload.trains(mode)
     # Greedy generation from the same prefill logits: the first new token of every prompt is the same.

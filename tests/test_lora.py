@@ -312,3 +312,20 @@ def test_lora_language_model_run_exports_merged_to_transformers(tmp_path):
     train.train(c, workdir)
   with pytest.raises(ValueError, match=r"LoRA adapters changed since it was trained: 1 arrays differ"):
     hf_export.params_from_workdir(workdir)
+
+
+def test_adapters_stay_float32_under_a_bfloat16_base():
+  """A bfloat16 encoder: the adapters are float32 parameters (their updates are not rounded away), the adapted
+  output is bfloat16 like the base's, and at step 0 it is the base's exactly."""
+  model = TextClassifier(backbone=bert.BertEncoder(BERT, dtype=jnp.bfloat16), num_classes=3)
+  adapters = lora.targets([ATTN, (".*", {})])
+  batch = _text_batch()
+  params = _adapted_params(model, batch, adapters)
+  flat = rules.flatten(params)
+  assert {flat[p].dtype for p in flat if lora.is_adapter(p)} == {jnp.dtype(jnp.float32)}
+  base = {p: v for p, v in flat.items() if not lora.is_adapter(p)}
+  features = lambda m, p: m.clone(num_classes=None).apply({"params": p}, batch)
+  adapted = features(model.clone(adapters=adapters), params)
+  assert adapted.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(adapted, np.float32),
+                                np.asarray(features(model, rules.unflatten(base)), np.float32))
