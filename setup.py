@@ -35,6 +35,7 @@ setup(
         # installs here is torch 2.14.1 + torchvision 0.29.1 (CUDA builds; they run on CPU).
         "test": [
             "pytest>=8",
+            "pytest-xdist>=3.5",            # make test runs test files in parallel workers
             "torch==2.14.1",
             "torchvision==0.29.1",          # ResNet references
             "timm==1.0.31",                 # ResNet/BiT/ViT/tf_efficientnet_lite references and npz loaders
@@ -42,6 +43,7 @@ setup(
             "scikit-image>=0.24",
             "transformers>=5,<6",           # BERT references (PyTorch models; v5 has no Flax models)
             "sentence-transformers>=5,<7",  # the mean-pooled embedding reference
+            "peft>=0.17,<1",                # the LoRA reference (same weights, same outputs)
         ],
     },
 )
