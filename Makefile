@@ -20,13 +20,8 @@ $(VENV)/.test: $(VENV)/.base
 demo: $(VENV)/.base
 	$(PY) -m transfer.demo --workdir runs/demo
 
-# Test files run in parallel worker processes (pytest-xdist), each file whole in one worker so that its
-# module-scoped fixtures are built once. Two workers on a 2-core machine: most of a test is single-threaded
-# compilation and Python, so two overlap well. TEST_WORKERS=0 runs everything in this process.
-TEST_WORKERS ?= 2
-
 test: $(VENV)/.test
-	$(PY) -m pytest -q -ra --durations=15 -n $(TEST_WORKERS) --dist loadfile tests
+	$(PY) -m pytest -q -ra --durations=15 tests
 
 bench: $(VENV)/.test
 	$(PY) experiments/bench_train_step.py --model all --out runs/bench_train_step.json

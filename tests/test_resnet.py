@@ -3,7 +3,8 @@ through ``load_pretrained``, bad input, layer-wise lr decay, and a short trainin
 
 References have random weights with randomised, calibrated BatchNorm (``torch_refs.randomize_norms``) so every
 tensor matters. Models run through the registry's ImageClassifier on uint8 images (ImageNet mean/std inside);
-the references get the same images normalised in float64 first. Tolerance: 1e-4 max-abs on logits in float32.
+the references get the same images normalised in float64 first. Tolerance: 1e-4 max-abs on logits in float32,
+relative to the logits' scale when it is above 1 (ResNet-50's reach 2.7: 50 layers of float32 rounding).
 """
 from __future__ import annotations
 
@@ -68,7 +69,7 @@ def test_random_weight_parity(source, name, width, size):
   with torch.no_grad():
     want = ref(torch_input(torch, x, IMAGENET_MEAN, IMAGENET_STD)).numpy()
   assert want.std(0).mean() > 0.05, "reference logits too degenerate for a meaningful comparison"
-  np.testing.assert_allclose(logits, want, rtol=0, atol=TOL)
+  np.testing.assert_allclose(logits, want, rtol=0, atol=TOL * max(1.0, float(np.abs(want).max())))
 
 
 @pytest.mark.parametrize("name", sorted(resnet.VARIANTS))
