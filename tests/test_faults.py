@@ -83,11 +83,13 @@ def _data_files(step_dir):
   return sorted(glob.glob(os.path.join(step_dir, "default", "ocdbt.process_0", "d", "*")), key=os.path.getsize)
 
 
-def _random_bytes(step_dir):
-  path = _data_files(step_dir)[-1]
-  with open(path, "r+b") as f:
-    f.seek(os.path.getsize(path) // 10)
-    f.write(np.random.default_rng(0).bytes(4096))
+def _random_bytes(step_dir, every_file=False):
+  # OCDBT packs several arrays in a data file and splits them differently per save; damage to every file makes
+  # many array reads fail at once (their failed coroutines once printed tracebacks after the restore moved on).
+  for path in _data_files(step_dir)[slice(None) if every_file else slice(-1, None)]:
+    with open(path, "r+b") as f:
+      f.seek(os.path.getsize(path) // 10)
+      f.write(np.random.default_rng(0).bytes(4096))
 
 
 def _edit_digest(step_dir):
@@ -103,6 +105,8 @@ DAMAGE = {   # how -> (damage to the step's directory, the reasons it may be set
     "array file zeroed": (lambda d: open(_data_files(d)[-1], "r+b").write(bytes(os.path.getsize(_data_files(d)[-1]))),
                           ("unreadable", "digest-mismatch")),
     "4 KB of random bytes": (_random_bytes, ("unreadable", "digest-mismatch")),
+    "4 KB of random bytes in every array file": (lambda d: _random_bytes(d, every_file=True),
+                                                 ("unreadable", "digest-mismatch")),
     "_METADATA deleted": (lambda d: os.remove(os.path.join(d, "default", "_METADATA")), ("unreadable",)),
     "manifests deleted": (lambda d: [os.remove(p) for p in glob.glob(os.path.join(d, "**", "manifest.ocdbt"),
                                                                      recursive=True)], ("unreadable",)),
@@ -176,10 +180,10 @@ def test_a_checkpoint_of_another_layout_does_not_fit_and_is_not_moved(saved_run,
 
 
 def test_relaunch_over_a_silently_corrupted_checkpoint_resumes_from_the_previous(saved_run, tmp_path):
-  # 4 KB of random bytes in the data of step 20: before digests this restored without a word.
+  # 4 KB of random bytes in each data file of step 20: before digests this restored without a word.
   workdir = _copy(saved_run, tmp_path)
   os.remove(os.path.join(workdir, "results.json"))
-  _random_bytes(os.path.join(workdir, "checkpoints", "20"))
+  _random_bytes(os.path.join(workdir, "checkpoints", "20"), every_file=True)
   out = run_cli(TINY + ["--workdir", workdir, "--config.total_steps=20", "--config.checkpoint.keep_last=3"])
   assert out.returncode == 0, out.stderr[-3000:]
   assert "checkpoint step 20 is damaged" in out.stdout and f"resumed from {workdir}/checkpoints step 18" in out.stdout

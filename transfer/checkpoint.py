@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import errno as errno_lib
+import gc
 import glob
 import hashlib
 import logging
@@ -142,10 +143,13 @@ class _OrbaxErrorLogs(logging.Filter):
     message = record.getMessage() if record.name == "asyncio" else ""
     orbax_task = "never retrieved" in message and ("orbax" in message or "OCDBT" in message)
     if record.levelno >= logging.ERROR and (orbax_task or f"{os.sep}orbax{os.sep}" in record.pathname):
-      if len(self.held) < 20:
-        self.held.append(record.getMessage())
+      self.hold(record.getMessage())
       return False
     return True
+
+  def hold(self, message: str) -> None:
+    if len(self.held) < 20:
+      self.held.append(message)
 
   def take(self) -> list[str]:
     held, self.held = self.held, []
@@ -154,6 +158,14 @@ class _OrbaxErrorLogs(logging.Filter):
 
 _ORBAX_ERRORS = _OrbaxErrorLogs()
 _OPEN: "weakref.WeakSet[Checkpointer]" = weakref.WeakSet()
+
+
+def _raised_in_orbax(tb) -> bool:
+  while tb is not None:
+    if f"{os.sep}orbax{os.sep}" in tb.tb_frame.f_code.co_filename:
+      return True
+    tb = tb.tb_next
+  return False
 
 
 def _quiet_orbax_noise() -> None:
@@ -167,6 +179,9 @@ def _quiet_orbax_noise() -> None:
 
   def hook(unraisable):
     if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+      return
+    if _raised_in_orbax(unraisable.exc_traceback):   # e.g. a read coroutine of a restore that already failed
+      _ORBAX_ERRORS.hold(_first_line(unraisable.exc_value, 200))
       return
     previous(unraisable)
 
@@ -353,6 +368,7 @@ class Checkpointer:
       restored = self.restore(step, like)
       host = jax.device_get(restored)
     except Exception as e:   # noqa: BLE001 - as in restore_latest
+      gc.collect()   # the other arrays' failed reads surface now, as held Orbax noise, not later on stderr
       return "unreadable", f"cannot be read: {_first_line(e, 200)}", None
     try:
       saved_digests = self.manager.metadata(step).custom_metadata.get("array_sha256")
