@@ -129,8 +129,8 @@ def main() -> None:
   out["pretrain_wall_seconds"] = out["pretrain"]["wall_seconds"]
   hf_folder = os.path.join(work, "pretrained_hf")
   if not os.path.exists(os.path.join(hf_folder, "model.safetensors")):
-    from transfer import hf_export
-    model_cfg, params = hf_export.params_from_workdir(pretrain_dir)
+    from transfer import hf_export, runs
+    _, params, _, _ = runs.variables_from_workdir(pretrain_dir)
     with open(os.path.join(arch, "config.json")) as f:
       hf_config = json.load(f)
     hf_export.save_decoder(hf_folder, params, hf_config, tokenizer_folder=arch)

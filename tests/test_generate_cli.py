@@ -27,7 +27,7 @@ from safetensors.numpy import load_file  # noqa: E402
 from conftest import ROOT, restore_checkpoint  # noqa: E402
 from decoder_refs import randomize  # noqa: E402
 from test_decoder_transfer import decoder_folder  # noqa: E402
-from transfer import config_base, hf_export, rules, train  # noqa: E402
+from transfer import config_base, hf_export, rules, runs, train  # noqa: E402
 from transfer import generate as generate_cli  # noqa: E402
 from transfer.text.causal_tokenizer import CausalTokenizer  # noqa: E402
 
@@ -136,6 +136,24 @@ def test_workdir_generation_and_export_use_the_trained_weights(folder, workdir, 
   assert "is not empty" in capsys.readouterr().err
 
 
+def test_predict_continues_prompt_files_as_transformers_does_on_the_export(workdir, tmp_path):
+  """``python -m transfer.predict`` on a causal-LM run: prompts from a .txt (one per line) and a .jsonl (the run's
+  prompt field) give one row each, whose continuation is transformers' greedy text on the run's export."""
+  from transfer import predict
+  (tmp_path / "prompts.txt").write_text("\n".join(RUN_PROMPTS[:2]) + "\n\n")
+  (tmp_path / "prompts.jsonl").write_text(json.dumps({"prompt": RUN_PROMPTS[2], "response": "unused"}) + "\n")
+  out = tmp_path / "continuations.jsonl"
+  assert predict.main(["--workdir", workdir, "--data", str(tmp_path / "prompts.txt"), str(tmp_path / "prompts.jsonl"),
+                       "--max_new_tokens", str(NEW), "--batch_size", "2", "--out", str(out)]) == 0
+  rows = [json.loads(line) for line in out.read_text().splitlines()]
+  assert [r["input"] for r in rows] == RUN_PROMPTS
+  exported = str(tmp_path / "export")
+  hf_export.export_workdir(workdir, exported)
+  expected, gap = _hf_greedy_texts(exported, RUN_PROMPTS, NEW)
+  assert gap > 1e-3, f"near-tie in the reference (top-2 gap {gap:.2e})"
+  assert [r["continuation"] for r in rows] == expected
+
+
 def _rewrite_metrics(path, losses):
   rows = [json.loads(line) for line in open(path) if line.strip()]
   with open(path, "w") as f:
@@ -150,17 +168,17 @@ def test_checkpoint_choice(workdir, tmp_path):
   task's best metric), a number that step; the params are that checkpoint's, trainable and frozen merged, and a
   checkpoint whose arrays do not match the trainer's digests is refused."""
   losses = {row["step"]: row["eval/loss"] for row in map(json.loads, open(os.path.join(workdir, "metrics.jsonl")))}
-  assert hf_export.checkpoint_step(workdir, "last") == 2
-  assert hf_export.checkpoint_step(workdir, "best") == min(losses, key=losses.get)
+  assert runs.checkpoint_step(workdir, "last") == 2
+  assert runs.checkpoint_step(workdir, "best") == min(losses, key=losses.get)
 
   copy = str(tmp_path / "copy")
   shutil.copytree(workdir, copy)
   _rewrite_metrics(os.path.join(copy, "metrics.jsonl"), {1: 1.0, 2: 3.0})
-  assert hf_export.checkpoint_step(copy, "best") == 1
+  assert runs.checkpoint_step(copy, "best") == 1
   _rewrite_metrics(os.path.join(copy, "metrics.jsonl"), {1: 3.0, 2: 1.0})
-  assert hf_export.checkpoint_step(copy, "best") == 2
-  model_cfg, flat = hf_export.params_from_workdir(copy, 1)
-  assert model_cfg.name == "gpt2"
+  assert runs.checkpoint_step(copy, "best") == 2
+  config, flat, _, _ = runs.variables_from_workdir(copy, 1)
+  assert config.model.name == "gpt2"
   step1, step2 = (rules.flatten(restore_checkpoint(copy, step)["trainable"]) for step in (1, 2))
   assert flat.keys() == step1.keys()
   for key in flat:
@@ -168,15 +186,15 @@ def test_checkpoint_choice(workdir, tmp_path):
   assert any(not np.array_equal(step1[k], step2[k]) for k in step1)   # step 1 is not step 2
 
   with pytest.raises(FileNotFoundError, match=r"no checkpoint at step 7; saved steps: \[1, 2\]"):
-    hf_export.checkpoint_step(copy, 7)
+    runs.checkpoint_step(copy, 7)
   with pytest.raises(ValueError, match=r"--checkpoint 'newest': use 'last', 'best' or a step number"):
-    hf_export.checkpoint_step(copy, "newest")
+    runs.checkpoint_step(copy, "newest")
   meta_path = os.path.join(copy, "checkpoints", "2", "_CHECKPOINT_METADATA")
   meta = json.load(open(meta_path))
   meta["custom_metadata"]["array_sha256"]["trainable/backbone/ln_f/scale"] = "0" * 64
   json.dump(meta, open(meta_path, "w"))
   with pytest.raises(ValueError, match=r"step 2 is damaged: 1 arrays read back different .*ln_f/scale"):
-    hf_export.params_from_workdir(copy, "last")
+    runs.variables_from_workdir(copy, "last")
 
 
 def test_prompt_encoding(folder):

@@ -19,7 +19,7 @@ import pytest
 
 from conftest import ROOT, restore_checkpoint, run_cli, tiny_config
 from safetensors.numpy import load_file, save_file
-from transfer import config_check, load_pretrained, models, optim, rules, train
+from transfer import config_check, load_pretrained, models, optim, rules, runs, train
 from transfer.models import bert, gpt2, llama, lora, resnetv2, vit
 from transfer.models.classifier import ImageClassifier, TextClassifier
 
@@ -229,7 +229,7 @@ def test_lora_run_trains_adapters_and_head_only(tmp_path, capsys):
   assert len(moved) == 13
   with open(os.path.join(workdir, "config.json")) as f:
     assert json.load(f)["param_rules"][1][1]["lora"] == {"rank": 4, "alpha": 8}
-  with open(os.path.join(workdir, train.LORA_BASE_FILE)) as f:
+  with open(os.path.join(workdir, runs.BASE_FILE)) as f:
     recorded = json.load(f)
   assert recorded["source"] == "the seeded init (config.seed=0)"
   assert any(k.startswith("frozen/backbone/") and k.endswith("_conv/kernel") for k in recorded["sha256"])
@@ -238,7 +238,7 @@ def test_lora_run_trains_adapters_and_head_only(tmp_path, capsys):
 
 def test_lora_kill_and_resume_gives_bit_identical_adapters(tmp_path):
   """SIGKILL right after the step-6 save started, then a relaunch: the base is rebuilt (seeded init), checked
-  against lora_base.json, and the final adapters and head equal the uninterrupted run's bit for bit."""
+  against base.json, and the final adapters and head equal the uninterrupted run's bit for bit."""
   args = ["--config", os.path.join(ROOT, "tests", "tiny_config.py") + ":lora"]
   full = run_cli(args + ["--workdir", str(tmp_path / "full")])
   assert full.returncode == 0, full.stderr[-3000:]
@@ -280,7 +280,8 @@ def test_lora_language_model_run_exports_merged_to_transformers(tmp_path):
       f"backbone/h_{i}/{part}/lora_{ab}" for i in (0, 1) for part in ("attn/c_attn", "c_fc") for ab in "ab")
   assert "frozen" not in saved   # the base is the folder's, recorded by digest
 
-  model_cfg, merged = hf_export.params_from_workdir(workdir)
+  config, merged, _, _ = runs.variables_from_workdir(workdir)
+  model_cfg = config.model
   assert not any(lora.is_adapter(p) for p in merged)
   ids = np.array([[5, 9, 17, 33, 2, 40]], np.int32)
   batch = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
@@ -306,12 +307,12 @@ def test_lora_language_model_run_exports_merged_to_transformers(tmp_path):
   key = next(k for k in state if k.endswith("h.0.mlp.c_fc.weight"))
   state[key] = state[key] * 1.01
   save_file(state, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
-  with pytest.raises(ValueError, match=r"the base model under this run's LoRA adapters changed: config.model."
+  with pytest.raises(ValueError, match=r"the base model under this run's trained parameters changed: config.model."
                                        r"pretrained='.*ckpt' now gives 1 of 28 arrays different .* e.g. "
                                        r"frozen/backbone/h_0/c_fc/kernel"):
     train.train(c, workdir)
-  with pytest.raises(ValueError, match=r"LoRA adapters changed since it was trained: 1 arrays differ"):
-    hf_export.params_from_workdir(workdir)
+  with pytest.raises(ValueError, match=r"trained parameters changed since it was trained: 1 arrays differ"):
+    runs.variables_from_workdir(workdir)
 
 
 def test_adapters_stay_float32_under_a_bfloat16_base():

@@ -1,4 +1,4 @@
-"""A decoder written back out as a Hugging Face folder, and a training run's parameters read from its checkpoint.
+"""A decoder written back out as a Hugging Face folder, and a causal-LM training run's model.
 
 ``save_decoder`` writes what transformers 5's ``save_pretrained`` writes for a causal LM: ``config.json`` with its
 ``architectures`` (GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM, ...), float32 ``model.safetensors`` under
@@ -8,9 +8,8 @@ fine-tuned here then loads in ``transformers.AutoModelForCausalLM.from_pretraine
 anything is written (every missing, unexpected or mis-shaped tensor listed), and the folder is filled from a
 temporary directory beside it, so a refused export leaves nothing behind.
 
-``params_from_workdir`` reads a run's parameters (trainable and frozen merged) from its Orbax checkpoint, checked
-against the digests the trainer recorded; ``causal_lm_from_workdir`` builds the run's language model with them
-(``python -m transfer.generate --workdir``), and ``export_workdir`` (``python -m transfer.hf_export``) writes it
+``causal_lm_from_workdir`` builds a run's language model with the parameters ``transfer.runs`` reads from its
+checkpoint (``python -m transfer.generate --workdir``), and ``export_workdir`` (``python -m transfer.hf_export``) writes it
 out with the tokenizer of the checkpoint the run started from.
 """
 from __future__ import annotations
@@ -18,7 +17,6 @@ from __future__ import annotations
 import argparse
 import glob
 import json
-import math
 import os
 import shutil
 import sys
@@ -28,9 +26,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from transfer import checkpoint as checkpoint_lib
-from transfer import models, rules
-from transfer.models import lora
+from transfer import models, rules, runs
 
 
 # Copied from the tokenizer folder when present (tokenizer.json is required: the decoders' tokenizer reads it).
@@ -41,19 +37,14 @@ _WEIGHT_PATTERNS = ("model.safetensors", "model-*-of-*.safetensors", "model.safe
                     "pytorch_model.bin", "pytorch_model-*-of-*.bin", "pytorch_model.bin.index.json")
 
 
-def _listing(paths, limit: int = 6) -> str:
-  paths = sorted(paths)
-  return ", ".join(paths[:limit]) + (f" (+{len(paths) - limit} more)" if len(paths) > limit else "")
-
-
 def check_params_fit(flat: dict, expected: dict, what: str) -> None:
   """``flat`` and ``expected`` (``{path: shape}``) hold the same paths with the same shapes, else a ValueError
   listing what is missing, unexpected and mis-shaped."""
   parts = []
   if missing := set(expected) - set(flat):
-    parts.append(f"missing {_listing(missing)}")
+    parts.append(f"missing {runs.listing(missing)}")
   if unexpected := set(flat) - set(expected):
-    parts.append(f"unexpected {_listing(unexpected)}")
+    parts.append(f"unexpected {runs.listing(unexpected)}")
   if changed := sorted(p for p in set(flat) & set(expected) if tuple(np.shape(flat[p])) != tuple(expected[p])):
     parts.append("mis-shaped " + ", ".join(f"{p} {tuple(np.shape(flat[p]))} (model: {tuple(expected[p])})"
                                            for p in changed[:6]))
@@ -90,7 +81,7 @@ def save_decoder(folder, flat_params, hf_config: dict, tokenizer_folder=None, *,
   if os.path.exists(folder) and not os.path.isdir(folder):
     raise FileExistsError(f"export folder {folder} is a file")
   if os.path.isdir(folder) and os.listdir(folder) and not overwrite:
-    raise FileExistsError(f"export folder {folder} is not empty ({_listing(os.listdir(folder), 4)}); choose an "
+    raise FileExistsError(f"export folder {folder} is not empty ({runs.listing(os.listdir(folder), 4)}); choose an "
                           "empty or new folder, or pass overwrite=True (--overwrite)")
   if not isinstance(hf_config, dict) or not isinstance(hf_config.get("model_type"), str):
     raise ValueError("save_decoder: hf_config must be a config.json dict with a 'model_type'")
@@ -147,120 +138,11 @@ def _write_json(path: str, value: dict) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Training runs: which checkpoint, its parameters, the causal LM it holds.
+# Training runs: the causal LM a run holds (transfer/runs.py reads the run).
 # ----------------------------------------------------------------------------------------------------------------
-def read_run_config(workdir) -> ml_collections.ConfigDict:
-  """``WORKDIR/config.json`` (the resolved config the trainer wrote)."""
-  path = os.path.join(os.fspath(workdir), "config.json")
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"--workdir {workdir}: no config.json (is it a training run's workdir?)")
-  with open(path) as f:
-    try:
-      return ml_collections.ConfigDict(json.load(f))
-    except (json.JSONDecodeError, TypeError, AttributeError) as e:
-      raise ValueError(f"{path}: not a config written by the trainer ({e})") from None
-
-
-def run_task(config) -> str | None:
-  """The task a run learned: the trainer writes it, resolved, to config.json (``task``)."""
-  task = config.get("task")
-  return None if task == "auto" else task
-
-
-def _best_metric(config, workdir) -> tuple[str, str]:
-  """(metric, 'min' or 'max') the run ranked its checkpoints by: the trainer writes both, resolved, to config.json."""
-  ckpt = config.get("checkpoint", {})
-  metric, mode = ckpt.get("best_metric"), ckpt.get("best_mode")
-  if not metric or metric == "auto" or mode not in ("min", "max"):
-    raise ValueError(f"--workdir {workdir}: config.json names no resolved best metric (checkpoint.best_metric="
-                     f"{metric!r}, best_mode={mode!r}); use --checkpoint last or a step")
-  return metric, mode
-
-
-def checkpoint_step(workdir, checkpoint="last") -> int:
-  """The step of ``checkpoint``: 'last', 'best' (by the run's best metric in metrics.jsonl, among the steps still
-  on disk) or a step number that is on disk."""
-  workdir = os.fspath(workdir)
-  directory = os.path.join(workdir, "checkpoints")
-  steps = sorted(int(n) for n in os.listdir(directory) if n.isdigit()) if os.path.isdir(directory) else []
-  if not steps:
-    raise FileNotFoundError(f"--workdir {workdir}: no checkpoint in {directory}")
-  if checkpoint == "last":
-    return steps[-1]
-  if checkpoint == "best":
-    metric, mode = _best_metric(read_run_config(workdir), workdir)
-    scores = {}
-    path = os.path.join(workdir, "metrics.jsonl")
-    if os.path.isfile(path):
-      with open(path) as f:
-        for line in f:
-          row = json.loads(line) if line.strip() else {}
-          if row.get("step") in steps and isinstance(row.get(metric), (int, float)) and math.isfinite(row[metric]):
-            scores[row["step"]] = row[metric]   # a resumed run's later row for a step wins
-    if not scores:
-      raise ValueError(f"--workdir {workdir}: none of the checkpoints (steps {steps}) has a {metric} in "
-                       f"metrics.jsonl to pick the best by; use --checkpoint last or a step")
-    # The best score; on a tie the later step (as the trainer's best-checkpoint policy keeps).
-    return min(scores, key=lambda s: (scores[s] if mode == "min" else -scores[s], -s))
-  try:
-    step = int(checkpoint)
-  except (TypeError, ValueError):
-    raise ValueError(f"--checkpoint {checkpoint!r}: use 'last', 'best' or a step number") from None
-  if step not in steps:
-    raise FileNotFoundError(f"--workdir {workdir}: no checkpoint at step {step}; saved steps: {steps}")
-  return step
-
-
-def params_from_workdir(workdir, checkpoint="last") -> tuple[ml_collections.ConfigDict, dict[str, np.ndarray]]:
-  """(the run's ``config.model``, flat params ``{module path: array}``): trainable and frozen merged, from the
-  checkpoint ``checkpoint`` picks (see ``checkpoint_step``), each array checked against the digest the trainer
-  recorded when it saved it. Only the ``params`` collection is read (decoders have no ``batch_stats``). A LoRA
-  run's adapters come merged into their kernels (``transfer.models.lora.merge``)."""
-  import orbax.checkpoint as ocp
-  workdir = os.path.abspath(os.fspath(workdir))
-  config = read_run_config(workdir)
-  step = checkpoint_step(workdir, checkpoint)
-  directory = os.path.join(workdir, "checkpoints")
-  manager = ocp.CheckpointManager(directory, item_handlers=ocp.StandardCheckpointHandler())
-  try:
-    meta = manager.item_metadata(step)
-    tree = getattr(meta, "tree", meta)
-    parts = {k: tree[k] for k in ("trainable", "frozen") if k in tree}   # a LoRA run saves no frozen base
-    abstract = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), parts)
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)
-    restored = ocp.PyTreeCheckpointer().restore(
-        os.path.join(directory, str(step), "default"),
-        args=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args, partial_restore=True))
-    digests = manager.metadata(step).custom_metadata.get("array_sha256") or {}
-  except Exception as e:   # noqa: BLE001 - Orbax and TensorStore raise many types for unreadable files
-    raise ValueError(f"--workdir {workdir}: checkpoint step {step} cannot be read: "
-                     f"{checkpoint_lib._first_line(e, 200)}") from None
-  finally:
-    manager.close()
-  got = checkpoint_lib.array_digests(restored)
-  if not digests:
-    raise ValueError(f"--workdir {workdir}: checkpoint step {step} has no array digests (_CHECKPOINT_METADATA), so "
-                     "it cannot be verified")
-  if differ := sorted(p for p in got if digests.get(p) != got[p]):
-    raise ValueError(f"--workdir {workdir}: checkpoint step {step} is damaged: {len(differ)} arrays read back "
-                     f"different from what was saved, e.g. {_listing(differ, 3)}")
-  trainable = rules.flatten(restored["trainable"] or {})
-  if "frozen" in restored:
-    frozen = rules.flatten(restored["frozen"] or {})
-  else:   # a LoRA run: its base comes from its source again, checked against the digests the run recorded
-    from transfer import train
-    frozen = train.lora_base(workdir, config, trainable)
-  if both := set(trainable) & set(frozen):
-    raise ValueError(f"--workdir {workdir}: step {step} holds {_listing(both, 3)} as both trainable and frozen")
-  flat = {k: np.asarray(v) for k, v in {**frozen, **trainable}.items()}
-  if any(lora.is_adapter(p) for p in flat):   # a LoRA run: the adapters folded into their kernels
-    flat = lora.merge(flat, lora.targets(config.get("param_rules")))
-  return config.model, flat
-
-
 def require_causal_lm(config, workdir) -> None:
   """A run whose model is a decoder with its LM head (task causal_lm), else a ValueError saying what it is."""
-  task, model = run_task(config), config.get("model", {}).get("name")
+  task, model = runs.task_of(config), config.get("model", {}).get("name")
   if task != "causal_lm":
     data_name = config.get("data", {}).get("name")
     raise ValueError(f"--workdir {workdir} is a {task or 'non-causal-LM'} run (config.json: task="
@@ -271,10 +153,11 @@ def require_causal_lm(config, workdir) -> None:
 
 def causal_lm_from_workdir(workdir, checkpoint="last"):
   """(``config.model``, CausalLM module, variables, step) of a causal-LM run's checkpoint, strictly checked."""
-  config = read_run_config(workdir)
+  config = runs.read_config(workdir)
   require_causal_lm(config, workdir)
-  step = checkpoint_step(workdir, checkpoint)
-  model_cfg, flat = params_from_workdir(workdir, step)
+  step = runs.checkpoint_step(workdir, checkpoint)
+  config, flat, _, _ = runs.variables_from_workdir(workdir, step)
+  model_cfg = config.model
   module = models.build_lm(model_cfg)
   check_params_fit(flat, _lm_param_shapes(module, models.family(model_cfg.name)), f"--workdir {workdir} step {step}")
   return model_cfg, module, {"params": rules.unflatten(flat)}, step

@@ -21,7 +21,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from transfer import config_check, convert, data, hyper_rule, models, optim, rules, tasks
+from transfer import config_check, convert, data, hyper_rule, models, optim, rules, runs, tasks
 from transfer import checkpoint as checkpoint_lib
 from transfer import features as features_lib
 from transfer import metrics as metrics_lib
@@ -209,11 +209,9 @@ def make_steps(model, tx: optax.GradientTransformation, schedule: optax.Schedule
 
 
 # ================================================================================================================
-# LoRA runs checkpoint what trains; the base is rebuilt from its source and checked against its recorded digests.
+# LoRA runs checkpoint what trains, cached-feature runs their head: the base is rebuilt from its source and checked
+# against the digests recorded in WORKDIR/base.json (transfer/runs.py reads runs back the same way).
 # ================================================================================================================
-LORA_BASE_FILE = "lora_base.json"
-
-
 def is_lora_run(state) -> bool:
   return any(lora.is_adapter(p) for p in rules.flatten(state["trainable"]))
 
@@ -227,56 +225,64 @@ def checkpointed(state: dict, *, backbone_train: bool) -> dict:
   return {k: v for k, v in state.items() if k not in base}
 
 
-def base_digests(state: dict, *, backbone_train: bool) -> dict[str, str]:
-  """SHA-256 of each array of a LoRA run's base (frozen parameters; BatchNorm statistics when they stay fixed)."""
-  base = {"frozen": state["frozen"], **({} if backbone_train else {"batch_stats": state["batch_stats"]})}
+def base_digests(frozen: dict, batch_stats) -> dict[str, str]:
+  """SHA-256 of each array of a base (nested frozen parameters; BatchNorm statistics when they stay fixed, else
+  None), keyed ``frozen/...`` and ``batch_stats/...``."""
+  base = {"frozen": frozen, **({} if batch_stats is None else {"batch_stats": batch_stats})}
   return checkpoint_lib.array_digests(jax.device_get(base))
 
 
-def check_lora_base(workdir: str, digests: dict[str, str], source: str, *, resumed: bool) -> None:
-  """Records the base's digests for a new run (``WORKDIR/lora_base.json``, written atomically); on resume, a base
-  that differs from the recorded one is a ValueError naming the source and the arrays that changed."""
-  path = os.path.join(workdir, LORA_BASE_FILE)
+def _changed(recorded: dict[str, str], digests: dict[str, str]) -> list[str]:
+  return sorted(p for p in set(recorded) | set(digests) if recorded.get(p) != digests.get(p))
+
+
+def _read_base_record(workdir: str) -> dict:
+  path = os.path.join(workdir, runs.BASE_FILE)
+  try:
+    with open(path) as f:
+      recorded = json.load(f)
+    return {"source": recorded.get("source"), "sha256": dict(recorded["sha256"])}
+  except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    raise ValueError(f"--workdir {workdir}: this run's checkpoints do not hold its base model, and the record of "
+                     f"the base they were trained on ({path}) cannot be read ({e}); start a new workdir") from None
+
+
+def check_base(workdir: str, digests: dict[str, str], source: str, *, resumed: bool) -> None:
+  """Records the base's digests for a new run (``WORKDIR/base.json``, written atomically); on resume, a base that
+  differs from the recorded one is a ValueError naming the source and the arrays that changed."""
+  path = os.path.join(workdir, runs.BASE_FILE)
   if not resumed:
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "w") as f:
       json.dump({"source": source, "sha256": digests}, f, indent=1, sort_keys=True)
     os.replace(tmp, path)
     return
-  try:
-    with open(path) as f:
-      recorded = json.load(f)
-    recorded_digests, recorded_source = dict(recorded["sha256"]), recorded.get("source")
-  except (OSError, ValueError, KeyError, TypeError) as e:
-    raise ValueError(f"--workdir {workdir}: this LoRA run's checkpoints hold only its adapters, and the record of "
-                     f"the base they were trained on ({path}) cannot be read ({e}); start a new workdir") from None
-  if differ := sorted(p for p in set(recorded_digests) | set(digests) if recorded_digests.get(p) != digests.get(p)):
-    raise ValueError(f"--workdir {workdir}: the base model under this run's LoRA adapters changed: {source} now "
-                     f"gives {len(differ)} of {len(recorded_digests)} arrays different from the base the "
-                     f"checkpoints were trained on ({recorded_source}; {path}), e.g. {', '.join(differ[:3])}. "
+  recorded = _read_base_record(workdir)
+  if differ := _changed(recorded["sha256"], digests):
+    raise ValueError(f"--workdir {workdir}: the base model under this run's trained parameters changed: {source} "
+                     f"now gives {len(differ)} of {len(recorded['sha256'])} arrays different from the base the "
+                     f"checkpoints were trained on ({recorded['source']}; {path}), e.g. {', '.join(differ[:3])}. "
                      "Restore that base, or start a new workdir")
 
 
-def lora_base(workdir: str, config: ml_collections.ConfigDict, trainable: dict) -> dict:
-  """The frozen parameters (flat) of a LoRA run whose checkpoints hold ``trainable`` (flat) only: rebuilt as the run
-  built them (its pretrained source, or the seeded init) and checked against ``WORKDIR/lora_base.json``."""
+def rebuild_base(workdir: str, config: ml_collections.ConfigDict, trainable: dict) -> tuple[dict, dict]:
+  """(frozen parameters, BatchNorm statistics), flat, of a run whose checkpoints hold ``trainable`` (flat) only:
+  rebuilt as the run built them (its pretrained source, or the seeded init) and checked against base.json."""
   if config.get("task") == "causal_lm":
     build, num_outputs = models.build_lm, None
   else:
     build, num_outputs = None, int(np.shape(trainable["head/bias"])[0])
-  _, params, _, _ = init_variables(config, num_outputs, models.example_batch(config.model.name), build=build)
+  _, params, batch_stats, _ = init_variables(config, num_outputs, models.example_batch(config.model.name),
+                                             build=build)
   frozen = {p: v for p, v in params.items() if p not in trainable}
-  path = os.path.join(workdir, LORA_BASE_FILE)
-  try:
-    with open(path) as f:
-      recorded = {k: v for k, v in json.load(f)["sha256"].items() if k.startswith("frozen/")}
-  except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-    raise ValueError(f"--workdir {workdir}: the record of this LoRA run's base ({path}) cannot be read ({e})") from None
-  digests = checkpoint_lib.array_digests({"frozen": rules.unflatten(frozen)})
-  if differ := sorted(p for p in set(recorded) | set(digests) if recorded.get(p) != digests.get(p)):
-    raise ValueError(f"--workdir {workdir}: the base model under this run's LoRA adapters changed since it was "
-                     f"trained: {len(differ)} arrays differ from {path}, e.g. {', '.join(differ[:3])}")
-  return frozen
+  recorded = _read_base_record(workdir)["sha256"]
+  stats_recorded = any(k.startswith("batch_stats/") for k in recorded)
+  digests = base_digests(rules.unflatten(frozen), batch_stats if stats_recorded else None)
+  if differ := _changed(recorded, digests):
+    raise ValueError(f"--workdir {workdir}: the base model under this run's trained parameters changed since it "
+                     f"was trained: {len(differ)} arrays differ from {os.path.join(workdir, runs.BASE_FILE)}, e.g. "
+                     f"{', '.join(differ[:3])}")
+  return frozen, rules.flatten(batch_stats) if stats_recorded else {}
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -307,6 +313,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train_ds, eval_ds = data.build(config.data, config.model, config.get("task", "auto"))
   task = tasks.resolve(config, train_ds)
   config.task = task.name   # config.json says the task the run learnt, not 'auto'
+  runs.write_labels(workdir, task.name, getattr(train_ds, "class_names", None))
   batch_size, accum = int(config.batch_size), int(config.get("grad_accum_steps", 1))
   if batch_size > len(train_ds):
     raise ValueError(f"config.batch_size={batch_size} is larger than the training set {train_ds.name} "
@@ -364,8 +371,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "the frozen backbone's features are cached (one per image): set config.feature_cache='off' to run the "
         "backbone on blended images, or config.mixup=0"))
   save_config(config, workdir)   # with the auto rule's picks
-  cached_backbone_params = 0
+  cached_backbone_params, cached_base = 0, {}
   if cache:
+    cached_base = base_digests(rules.unflatten({p: v for p, v in params.items() if p.startswith("backbone/")}),
+                               batch_stats)
     cached_backbone_params = optim.count({p: v for p, v in params.items() if p.startswith("backbone/")})
     model, params, batch_stats, train_ds, eval_ds = cache_features(
         config, workdir, model, params, batch_stats, train_ds, eval_ds, sharded, eval_batch_size)
@@ -424,11 +433,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # The newest checkpoint that reads back intact and finite (damaged ones are moved to checkpoints_damaged/); a
   # saved layout that differs from this config's is a ValueError.
   start_step, restored = ckpt.restore_latest(checkpointed(state, backbone_train=backbone_train))
+  base_source = (f"config.model.pretrained={config.model.pretrained!r}" if config.model.get("pretrained") else
+                 f"the seeded init (config.seed={config.seed})")
   if is_lora_run(state):
-    base_source = (f"config.model.pretrained={config.model.pretrained!r}" if config.model.get("pretrained") else
-                   f"the seeded init (config.seed={config.seed})")
-    check_lora_base(workdir, base_digests(state, backbone_train=backbone_train), base_source,
-                    resumed=bool(start_step))
+    check_base(workdir, base_digests(state["frozen"], None if backbone_train else state["batch_stats"]),
+               base_source, resumed=bool(start_step))
+  elif cached_base:
+    check_base(workdir, cached_base, base_source, resumed=bool(start_step))
   state = {**state, **restored}
   if start_step:
     log(f"resumed from {workdir}/checkpoints step {start_step}")
