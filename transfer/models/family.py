@@ -8,9 +8,12 @@ outside its own file.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+import re
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
+
+from transfer.convert import ConversionError, KeyRow, _listing
 
 
 # The two pixel conventions image checkpoints are trained with, as (mean, std) in pixel units.
@@ -80,6 +83,17 @@ class Family:
     Hugging Face state dict)`` (``transfer/hf_export.py``).
   - ``upstream_head``: a regex over converted paths that belong to the checkpoint's own task head (a decoder's
     LM head), dropped when the model being built has no such parameter (a classifier on a decoder).
+  - ``to_timm(flat, *, cfg, num_classes)``: images: the inverse of ``convert`` for timm, giving ``(timm model name,
+    create_model kwargs, state dict {timm key: float32 np.ndarray})`` for a classifier's variables: ``flat`` as
+    ``transfer.rules.flatten(variables)`` gives them (``params/backbone/...``, ``params/head/{kernel,bias}``,
+    ``batch_stats/...``; LoRA adapters merged first, ``transfer.models.lora.merge``), ``cfg`` the run's
+    ``config.model``, ``num_classes`` the head's width. ``timm.create_model(name, pretrained=False,
+    num_classes=num_classes, **kwargs)`` then takes the state dict with ``load_state_dict(sd, strict=True)``;
+    the kwargs hold what the name alone does not say (a ViT's image size and pooling, a ResNet's width) and
+    ``pretrained_cfg_overlay``: the input mean/std the model was trained with, for timm's data config.
+    BatchNorm step counters (``num_batches_tracked``) are int64 zeros, as PyTorch stores them. A configuration
+    timm cannot build exactly is a ValueError naming the ``config.model`` field; a variable without a timm key,
+    or a timm key left without a variable, is an error listing them (``timm_state_dict``).
   """
   name: str
   inputs: str
@@ -95,6 +109,7 @@ class Family:
   pooling: str = "cls"
   causal_lm: Callable[..., Any] | None = None
   to_hf: Callable[..., tuple[dict, dict]] | None = None
+  to_timm: Callable[..., tuple[str, dict, dict]] | None = None
   upstream_head: str = ""
 
   def __post_init__(self):
@@ -106,3 +121,100 @@ class Family:
       raise ValueError(f"family {self.name}: a decoder (and only a decoder) has a causal_lm builder")
     if self.inputs == "image" and self.input_norm is None:
       raise ValueError(f"family {self.name}: an image family needs input_norm")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Export to timm: what the image families' ``to_timm`` share. Each family keeps its own export table (our path regex
+# -> timm key, transform), written beside the key table it inverts.
+
+def torch_conv_weight(kernel: np.ndarray) -> np.ndarray:
+  """HWIO -> OIHW; a depthwise (kh, kw, 1, C) kernel becomes PyTorch's grouped (C, 1, kh, kw)."""
+  return np.transpose(kernel, (3, 2, 0, 1))
+
+
+def torch_linear_weight(kernel: np.ndarray) -> np.ndarray:
+  """A Dense kernel (in, out) -> ``nn.Linear``'s (out, in)."""
+  return np.transpose(kernel)
+
+
+def batchnorm_export_rows(ours: str, theirs: str) -> list[KeyRow]:
+  """flax BatchNorm ``backbone/{ours}`` (scale/bias in params, mean/var in batch_stats) -> PyTorch's
+  ``{theirs}.{weight,bias,running_mean,running_var}`` (``with_batch_counters`` adds the step counter).
+  ``ours`` is a regex whose groups ``theirs`` may use (``\\1``)."""
+  return [(rf"params/backbone/{ours}/scale", theirs + ".weight", None),
+          (rf"params/backbone/{ours}/bias", theirs + ".bias", None),
+          (rf"batch_stats/backbone/{ours}/mean", theirs + ".running_mean", None),
+          (rf"batch_stats/backbone/{ours}/var", theirs + ".running_var", None)]
+
+
+def with_batch_counters(state: dict) -> dict:
+  """Adds PyTorch's ``num_batches_tracked`` beside each BatchNorm's running mean: an int64 0, since flax keeps
+  no step count (PyTorch reads it only with ``momentum=None``)."""
+  counters = {k[:-len("running_mean")] + "num_batches_tracked": np.zeros((), np.int64)
+              for k in state if k.endswith(".running_mean")}
+  return {**state, **counters}
+
+
+def classifier_shapes(backbone, num_classes: int) -> dict[str, tuple]:
+  """``{collection/path: shape}`` of an ImageClassifier on ``backbone`` with a ``num_classes`` head: what an
+  export must hold, from an abstract init (nothing allocated)."""
+  import jax
+
+  from transfer import rules
+  from transfer.models.classifier import ImageClassifier
+  model = ImageClassifier(backbone=backbone, num_classes=num_classes)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), image_example()))
+  return {k: tuple(v.shape) for k, v in rules.flatten(shapes).items()}
+
+
+def timm_input_overlay(cfg, **extra) -> dict:
+  """``create_model``'s ``pretrained_cfg_overlay``: ``config.model``'s input mean and std in timm's [0, 1] units (a
+  custom ``input_norm`` as much as the family's usual one), so timm's data config normalises as the run did."""
+  from transfer import models
+  mean, std = models.input_normalization(models.family(cfg.name), cfg.get("input_norm", "auto"))
+  per_channel = lambda v: tuple(float(c) / 255.0 for c in (v if isinstance(v, (tuple, list)) else (v,) * 3))
+  return {"pretrained_cfg_overlay": dict(mean=per_channel(mean), std=per_channel(std), **extra)}
+
+
+def timm_state_dict(flat: Mapping[str, Any], table: Sequence[KeyRow], *, model_shapes: Mapping[str, tuple],
+                    what: str) -> dict[str, np.ndarray]:
+  """``flat`` renamed and reshaped through ``table`` (first matching row wins) into a float32 state dict.
+
+  Strict both ways, so nothing is dropped or left at timm's init: ``flat`` must hold exactly ``model_shapes``
+  (the variables of the network ``config.model`` describes), each with a row. A variable without a row, one the
+  network does not have, a missing one (named with the timm key it would fill) or a mis-shaped one is an error
+  listing them all."""
+  compiled = [(re.compile(pattern), target, fn) for pattern, target, fn in table]
+
+  def timm_key(path):
+    for pattern, target, fn in compiled:
+      if m := pattern.fullmatch(path):
+        return m.expand(target), fn
+    return None, None
+
+  unmapped, unexpected, mismatched, out, origin = [], [], [], {}, {}
+  for path, value in flat.items():
+    key, fn = timm_key(path)
+    if key is None:
+      unmapped.append(path)
+    elif path not in model_shapes:
+      unexpected.append(f"{path} (-> {key})")
+    elif tuple(np.shape(value)) != tuple(model_shapes[path]):
+      mismatched.append(f"{path}: {tuple(np.shape(value))} vs the network's {tuple(model_shapes[path])}")
+    elif key in out:
+      raise ConversionError(f"{what}: {origin[key]} and {path} both map to timm key {key}")
+    else:
+      array = np.asarray(value, np.float32)
+      out[key], origin[key] = np.ascontiguousarray(fn(array) if fn else array), path
+  unmapped += [p for p in model_shapes if timm_key(p)[0] is None and p not in flat]   # a table without its row
+  missing = [f"{p} (-> {timm_key(p)[0]})" for p in model_shapes if p not in flat and timm_key(p)[0] is not None]
+  if unmapped or unexpected or mismatched or missing:
+    hint = (" LoRA adapters must be merged into their kernels first (transfer.models.lora.merge)."
+            if any(p.rsplit("/", 1)[-1] in ("lora_a", "lora_b") for p in unmapped) else "")
+    parts = [_listing(title, sorted(lines)) for title, lines in (
+        ("variables with no timm key", unmapped), ("variables config.model's network does not have", unexpected),
+        ("missing variables, whose timm keys would be left unfilled", missing), ("shape mismatch", mismatched))
+        if lines]
+    raise ConversionError(f"{what}: the variables do not fit the network config.model describes.{hint}\n"
+                          + "\n".join(parts))
+  return out

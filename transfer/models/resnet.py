@@ -7,7 +7,8 @@ max pool, all padding is PyTorch's symmetric ``k // 2``. BatchNorm: eps 1e-5, ru
 
 torchvision and timm write the same state-dict names for these models (``conv1``, ``bn1``, ``layerS.B.convK``,
 ``layerS.B.bnK``, ``layerS.B.downsample.{0,1}``, ``fc``; checked key for key for resnet18 and resnet50 in
-torchvision 0.29 and timm 1.0), so one key table serves both.
+torchvision 0.29 and timm 1.0), so one key table serves both. ``to_timm`` writes a classifier back out as timm's
+``resnet*`` (``TIMM_EXPORT_TABLE``: that table read backwards).
 """
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from transfer.convert import apply_key_table
-from transfer.models.family import IMAGENET_NORMALIZATION, Family, image_example, refuse_override
+from transfer.convert import KeyRow, apply_key_table
+from transfer.models.family import (IMAGENET_NORMALIZATION, Family, batchnorm_export_rows, classifier_shapes,
+                                    image_example, refuse_override, timm_input_overlay, timm_state_dict,
+                                    torch_conv_weight, torch_linear_weight, with_batch_counters)
 from transfer.models.keys import choose_layout, torch_batchnorm_rows, torch_conv_kernel, torch_linear_kernel
 from transfer.models.layers import batch_norm_factory
 
@@ -133,6 +136,40 @@ def convert_state_dict(state_dict, *, source_name: str = 'checkpoint') -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Export to timm (``Family.to_timm``): ``KEY_TABLE`` read backwards, one row per weight.
+
+_OUR_BLOCK = r'stage(\d)_block(\d+)/'
+TIMM_EXPORT_TABLE: list[KeyRow] = [
+    (r'params/backbone/stem_conv/kernel', 'conv1.weight', torch_conv_weight),
+    *batchnorm_export_rows(r'stem_bn', 'bn1'),
+    (r'params/backbone/' + _OUR_BLOCK + r'conv(\d)/kernel', r'layer\1.\2.conv\3.weight', torch_conv_weight),
+    *batchnorm_export_rows(_OUR_BLOCK + r'bn(\d)', r'layer\1.\2.bn\3'),
+    (r'params/backbone/' + _OUR_BLOCK + r'downsample_conv/kernel', r'layer\1.\2.downsample.0.weight',
+     torch_conv_weight),
+    *batchnorm_export_rows(_OUR_BLOCK + r'downsample_bn', r'layer\1.\2.downsample.1'),
+    (r'params/head/kernel', 'fc.weight', torch_linear_weight),
+    (r'params/head/bias', 'fc.bias', None),
+]
+
+
+def timm_model(cfg) -> tuple[str, dict]:
+  """timm's name and ``create_model`` kwargs for ``config.model``'s ResNet: timm registers the same five depths
+  under the same names, and builds the narrower networks of ``config.model.width`` from its ``channels`` argument
+  (the stages' widths; both leave the 64-channel stem unscaled)."""
+  width = cfg.get('width') or 1.0
+  return cfg.name, ({} if width == 1.0 else {'channels': tuple(scaled(c, width) for c in STAGE_WIDTHS)})
+
+
+def to_timm(flat, *, cfg, num_classes: int) -> tuple[str, dict, dict]:
+  """A ResNet classifier's variables -> ``(timm name, create_model kwargs, timm state dict)``; the head is
+  timm's ``fc``."""
+  name, kwargs = timm_model(cfg)
+  shapes = classifier_shapes(build_backbone(cfg, jnp.float32), num_classes)
+  state = timm_state_dict(flat, TIMM_EXPORT_TABLE, model_shapes=shapes, what=f'{cfg.name} -> timm {name}')
+  return name, {**kwargs, **timm_input_overlay(cfg)}, with_batch_counters(state)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The family record (transfer/models/family.py).
 
 def build_backbone(cfg, dtype) -> ResNet:
@@ -149,6 +186,6 @@ def layer_regexes(backbone) -> list:
 FAMILY = Family(
     name='resnet', inputs='image', variants=VARIANTS, backbone=build_backbone,
     convert=lambda state, *, cfg, hf_config, source_name: convert_state_dict(state, source_name=source_name),
-    layer_regexes=layer_regexes, example_batch=image_example,
+    layer_regexes=layer_regexes, example_batch=image_example, to_timm=to_timm,
     # torchvision's and timm's ResNets: ImageNet's channel mean and std, times 255.
     input_norm=IMAGENET_NORMALIZATION)

@@ -10,7 +10,8 @@ Inputs are NHWC images scaled to [-1, 1].
 Google's BiT ``.npz`` names (``resnet/root_block/standardized_conv2d/kernel``,
 ``resnet/block{1-4}/unit{01..}/{a,b,c}/{standardized_conv2d/kernel,group_norm/gamma,group_norm/beta}``,
 ``.../a/proj/standardized_conv2d/kernel``, ``resnet/group_norm/{gamma,beta}``, ``resnet/head/conv2d/{kernel,bias}``)
-are the ones timm's ``resnetv2._load_weights`` reads; kernels are HWIO already.
+are the ones timm's ``resnetv2._load_weights`` reads; kernels are HWIO already. ``to_timm`` writes a classifier
+back out as timm's ``resnetv2_*_bit`` (``timm_export_table``).
 """
 from __future__ import annotations
 
@@ -19,10 +20,12 @@ from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from transfer.convert import KeyRow, apply_key_table
-from transfer.models.family import INCEPTION_NORMALIZATION, Family, image_example, refuse_override
+from transfer.models.family import (INCEPTION_NORMALIZATION, Family, classifier_shapes, image_example,
+                                    refuse_override, timm_input_overlay, timm_state_dict, torch_conv_weight)
 from transfer.models.keys import choose_layout, torch_conv_kernel, torch_linear_kernel
 from transfer.models.resnet import scaled
 
@@ -188,6 +191,63 @@ def convert_state_dict(state_dict, *, source_name: str = 'checkpoint') -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Export to timm (``Family.to_timm``): ``timm_key_table`` read backwards, one row per weight.
+
+# Our variant -> timm's BiT network of the same depths and width factor (stem_type 'fixed', StdConv eps 1e-8).
+TIMM_NAMES = {'bit-r50x1': 'resnetv2_50x1_bit', 'bit-r50x3': 'resnetv2_50x3_bit', 'bit-r101x1': 'resnetv2_101x1_bit',
+              'bit-r101x3': 'resnetv2_101x3_bit', 'bit-r152x2': 'resnetv2_152x2_bit',
+              'bit-r152x4': 'resnetv2_152x4_bit'}
+
+
+def _conv_1x1_from_dense(kernel):
+  """timm's BiT head is a 1x1 conv: a Dense kernel (C, K) -> (K, C, 1, 1)."""
+  return np.transpose(kernel)[:, :, None, None]
+
+
+def timm_export_table(depths) -> list[KeyRow]:
+  """Rows for a network of ``depths`` units per stage: our 1-based ``stage{S}_unit{U}`` -> timm's 0-based
+  ``stages.{S-1}.blocks.{U-1}``, written out per unit."""
+  rows: list[KeyRow] = [
+      (r'params/backbone/stem_conv/kernel', 'stem.conv.weight', torch_conv_weight),
+      (r'params/backbone/norm/scale', 'norm.weight', None),
+      (r'params/backbone/norm/bias', 'norm.bias', None),
+      (r'params/head/kernel', 'head.fc.weight', _conv_1x1_from_dense),
+      (r'params/head/bias', 'head.fc.bias', None),
+  ]
+  for stage, depth in enumerate(depths, start=1):
+    for unit in range(1, depth + 1):
+      src, dst = f'params/backbone/stage{stage}_unit{unit}/', f'stages.{stage - 1}.blocks.{unit - 1}.'
+      rows += [(src + r'conv(\d)/kernel', dst + r'conv\1.weight', torch_conv_weight),
+               (src + r'norm(\d)/scale', dst + r'norm\1.weight', None),
+               (src + r'norm(\d)/bias', dst + r'norm\1.bias', None),
+               (src + r'proj_conv/kernel', dst + 'downsample.conv.weight', torch_conv_weight)]
+  return rows
+
+
+def timm_model(cfg) -> str:
+  """timm's name for ``config.model``'s BiT network. timm fixes the width factor by the name (its
+  ``resnetv2_*_bit`` builders set it), so a ``config.model.width`` override must be another registered size."""
+  variant = VARIANTS[cfg.name]
+  width = cfg.get('width') or variant['width']
+  for ours, v in VARIANTS.items():
+    if v['depths'] == variant['depths'] and v['width'] == width:
+      return TIMM_NAMES[ours]
+  sizes = ', '.join(f"{n} (width {v['width']})" for n, v in VARIANTS.items() if v['depths'] == variant['depths'])
+  raise ValueError(f'config.model.width={cfg.width}: timm builds a BiT network only at the width factor its name '
+                   f'gives ({sizes}); {cfg.name} at width {width} has no timm equivalent')
+
+
+def to_timm(flat, *, cfg, num_classes: int) -> tuple[str, dict, dict]:
+  """A BiT classifier's variables -> ``(timm name, create_model kwargs, timm state dict)``; the head is timm's
+  ``head.fc`` (a 1x1 conv). GroupNorm only: no running statistics."""
+  name = timm_model(cfg)
+  backbone = build_backbone(cfg, jnp.float32)
+  state = timm_state_dict(flat, timm_export_table(backbone.depths),
+                          model_shapes=classifier_shapes(backbone, num_classes), what=f'{cfg.name} -> timm {name}')
+  return name, timm_input_overlay(cfg), state
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The family record (transfer/models/family.py).
 
 def build_backbone(cfg, dtype) -> ResNetV2:
@@ -205,5 +265,5 @@ def layer_regexes(backbone) -> list:
 FAMILY = Family(
     name='bit', inputs='image', variants=VARIANTS, backbone=build_backbone,
     convert=lambda state, *, cfg, hf_config, source_name: convert_state_dict(state, source_name=source_name),
-    layer_regexes=layer_regexes, example_batch=image_example,
+    layer_regexes=layer_regexes, example_batch=image_example, to_timm=to_timm,
     input_norm=INCEPTION_NORMALIZATION)   # [-1, 1], as BiT was trained (timm's resnetv2_*_bit: mean = std = 0.5)

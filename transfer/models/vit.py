@@ -13,7 +13,8 @@ another size; so a 384 px checkpoint fine-tuned at 224 px is interpolated once, 
 for another stored grid (``config.model.posemb_grid``) has the checkpoint resampled once, at load
 (``fit_checkpoint``). Attention parameters use Google's layout (separate
 query/key/value kernels of shape (D, heads, D / heads), an output kernel (heads, D / heads, D)); timm's fused
-``qkv`` is split on conversion.
+``qkv`` is split on conversion, and fused again by ``to_timm``, which writes a classifier back out as timm's
+``vit_*`` (``TIMM_EXPORT_TABLE``).
 """
 from __future__ import annotations
 
@@ -27,7 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from transfer.convert import ConversionError, KeyRow, apply_key_table
-from transfer.models.family import INCEPTION_NORMALIZATION, Family, image_example, refuse_override
+from transfer.models.family import (INCEPTION_NORMALIZATION, Family, classifier_shapes, image_example,
+                                    refuse_override, timm_input_overlay, timm_state_dict, torch_conv_weight,
+                                    torch_linear_weight)
 from transfer.models.keys import choose_layout, torch_conv_kernel, torch_linear_kernel
 
 # name -> patch size, width, depth, heads, MLP width, native resolution (ViT paper sizes; DeiT's Ti; a test size).
@@ -272,6 +275,101 @@ def fit_checkpoint(flat: dict, model_shapes: dict, *, source_name: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Export to timm (``Family.to_timm``): ``timm_key_table`` read backwards, then query/key/value fused into timm's qkv.
+
+# Our variant -> timm's name and the create_model kwargs that give its sizes. vit-test8 has no timm name: it is
+# timm's ViT-Ti/16 builder given the test size's patch, width, depth and heads (MLP ratio 4 as every variant here).
+TIMM_MODELS = {
+    'vit-test8': ('vit_tiny_patch16_224', dict(patch_size=8, embed_dim=64, depth=2, num_heads=2)),
+    'vit-ti16': ('vit_tiny_patch16_224', {}),
+    'vit-s16': ('vit_small_patch16_224', {}),
+    'vit-s32': ('vit_small_patch32_224', {}),
+    'vit-b16': ('vit_base_patch16_224', {}),
+    'vit-b32': ('vit_base_patch32_224', {}),
+    'vit-l16': ('vit_large_patch16_224', {}),
+    'vit-l32': ('vit_large_patch32_224', {}),
+}
+
+
+def _heads_joined_in(w):
+  """A query/key/value kernel (D, heads, hd) -> torch (heads * hd, D); its bias (heads, hd) -> (heads * hd,)."""
+  w = w.reshape(*w.shape[:-2], w.shape[-2] * w.shape[-1])
+  return np.transpose(w) if w.ndim == 2 else w
+
+
+def _heads_joined_out(w):
+  """The output kernel (heads, hd, D) -> torch (D, heads * hd)."""
+  return np.transpose(w.reshape(w.shape[0] * w.shape[1], w.shape[2]))
+
+
+_OUR_BLOCK = _B + r'block_(\d+)/'
+TIMM_EXPORT_TABLE: list[KeyRow] = [
+    (_B + 'cls', 'cls_token', None),
+    (_B + 'pos_embedding', 'pos_embed', None),
+    (_B + 'patch_embed/kernel', 'patch_embed.proj.weight', torch_conv_weight),
+    (_B + 'patch_embed/bias', 'patch_embed.proj.bias', None),
+    (_OUR_BLOCK + r'norm(\d)/scale', r'blocks.\1.norm\2.weight', None),
+    (_OUR_BLOCK + r'norm(\d)/bias', r'blocks.\1.norm\2.bias', None),
+    *[(_OUR_BLOCK + f'attn/{full}/kernel', rf'blocks.\1.attn.{short}.weight', _heads_joined_in)
+      for short, full in (('q', 'query'), ('k', 'key'), ('v', 'value'))],
+    *[(_OUR_BLOCK + f'attn/{full}/bias', rf'blocks.\1.attn.{short}.bias', _heads_joined_in)
+      for short, full in (('q', 'query'), ('k', 'key'), ('v', 'value'))],
+    (_OUR_BLOCK + r'attn/out/kernel', r'blocks.\1.attn.proj.weight', _heads_joined_out),
+    (_OUR_BLOCK + r'attn/out/bias', r'blocks.\1.attn.proj.bias', None),
+    (_OUR_BLOCK + r'mlp/fc(\d)/kernel', r'blocks.\1.mlp.fc\2.weight', torch_linear_weight),
+    (_OUR_BLOCK + r'mlp/fc(\d)/bias', r'blocks.\1.mlp.fc\2.bias', None),
+    (_B + 'encoder_norm/scale', 'norm.weight', None),
+    (_B + 'encoder_norm/bias', 'norm.bias', None),
+    (r'params/head/kernel', 'head.weight', torch_linear_weight),
+    (r'params/head/bias', 'head.bias', None),
+]
+
+
+def fuse_qkv(state: dict) -> dict:
+  """``blocks.N.attn.{q,k,v}.*`` -> timm's ``blocks.N.attn.qkv.*``, query, key and value stacked on the output
+  axis: the inverse of ``split_qkv``."""
+  out, parts = {}, {}
+  for key, value in state.items():
+    m = re.fullmatch(r'(blocks\.\d+\.attn\.)([qkv])\.(weight|bias)', key)
+    if m:
+      parts.setdefault(f'{m.group(1)}qkv.{m.group(3)}', {})[m.group(2)] = value
+    else:
+      out[key] = value
+  for key, qkv in parts.items():
+    if sorted(qkv) != ['k', 'q', 'v']:
+      raise ConversionError(f'{key}: needs query, key and value, got only {sorted(qkv)}')
+    out[key] = np.concatenate([qkv['q'], qkv['k'], qkv['v']], axis=0)
+  return out
+
+
+def timm_model(cfg) -> tuple[str, dict]:
+  """timm's name and ``create_model`` kwargs for ``config.model``'s ViT. timm's model is built for the stored
+  position grid (``img_size`` = grid * patch), where the table needs no resampling; timm then takes only that input
+  size (this model resamples the table bilinearly for other sizes, which timm's ``dynamic_img_size`` would do
+  bicubically, so it is not turned on). 'mean' pooling is timm's ``class_token=False, global_pool='avg',
+  fc_norm=False``."""
+  name, kwargs = TIMM_MODELS[cfg.name]
+  v = VARIANTS[cfg.name]
+  pooling = cfg.get('pooling', 'cls')
+  if pooling not in POOLINGS:
+    raise ValueError(f"config.model.pooling: {pooling!r}; a ViT pools by one of {POOLINGS}")
+  if pooling == 'mean':
+    kwargs = {**kwargs, 'class_token': False, 'global_pool': 'avg', 'fc_norm': False}
+  grid = cfg.get('posemb_grid') or v['resolution'] // v['patch']
+  return name, {**kwargs, 'img_size': grid * v['patch']}
+
+
+def to_timm(flat, *, cfg, num_classes: int) -> tuple[str, dict, dict]:
+  """A ViT classifier's variables -> ``(timm name, create_model kwargs, timm state dict)``; the head is timm's
+  ``head``."""
+  name, kwargs = timm_model(cfg)
+  state = timm_state_dict(flat, TIMM_EXPORT_TABLE, what=f'{cfg.name} -> timm {name}',
+                          model_shapes=classifier_shapes(build_backbone(cfg, jnp.float32), num_classes))
+  size = kwargs['img_size']
+  return name, {**kwargs, **timm_input_overlay(cfg, input_size=(3, size, size))}, fuse_qkv(state)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The family record (transfer/models/family.py).
 
 def build_backbone(cfg, dtype) -> ViT:
@@ -313,4 +411,4 @@ FAMILY = Family(
     convert=convert,
     layer_regexes=layer_regexes, example_batch=image_example,
     input_norm=INCEPTION_NORMALIZATION,   # [-1, 1], as Google's ViTs were trained (timm's augreg: mean = std = 0.5)
-    fit_checkpoint=fit_checkpoint)
+    fit_checkpoint=fit_checkpoint, to_timm=to_timm)
