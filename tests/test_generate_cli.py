@@ -5,7 +5,7 @@ and biases randomised, initializer_range 0.2: tests/decoder_refs.py), so logits 
 are compared with transformers' ``generate(do_sample=False)`` on the same folder as decoded text; that comparison
 is only meaningful without near-ties, so every compared step's top-2 logit gap in transformers must exceed 1e-3
 (the two implementations agree to about 1e-5). One trainer run (2 steps of next-token training on a small .txt)
-gives the workdir; its checkpoints also test ``transfer.hf_export``'s reading and export of a run.
+gives the workdir; its checkpoints also test ``transfer.runs``' reading and ``transfer.export`` of a run.
 """
 import ast
 import json
@@ -27,7 +27,7 @@ from safetensors.numpy import load_file  # noqa: E402
 from conftest import ROOT, restore_checkpoint  # noqa: E402
 from decoder_refs import randomize  # noqa: E402
 from test_decoder_transfer import decoder_folder  # noqa: E402
-from transfer import config_base, hf_export, rules, runs, train  # noqa: E402
+from transfer import config_base, export, hf_export, rules, runs, train  # noqa: E402
 from transfer import generate as generate_cli  # noqa: E402
 from transfer.text.causal_tokenizer import CausalTokenizer  # noqa: E402
 
@@ -115,7 +115,7 @@ def test_greedy_continuations_equal_transformers(folder, capsys):
 
 def test_workdir_generation_and_export_use_the_trained_weights(folder, workdir, tmp_path, capsys):
   """``--workdir`` generates with the run's last checkpoint (trained weights, not the pretrained folder's), and
-  ``python -m transfer.hf_export`` writes those weights: transformers' greedy text on the export equals the CLI's."""
+  ``python -m transfer.export --format hf`` writes those weights: transformers' greedy text on the export equals the CLI's."""
   trained = restore_checkpoint(workdir)["trainable"]["backbone"]["wte"]["embedding"]
   pretrained = load_file(os.path.join(folder, "model.safetensors"))["transformer.wte.weight"]
   assert np.abs(trained - pretrained).max() > 1e-3   # two steps at lr 1e-2 moved them
@@ -126,13 +126,13 @@ def test_workdir_generation_and_export_use_the_trained_weights(folder, workdir, 
   assert f"{workdir} step 2 (gpt2)" in out
 
   exported = str(tmp_path / "export")
-  assert hf_export.main(["--workdir", workdir, "--out", exported]) == 0
+  assert export.main(["--workdir", workdir, "--out", exported, "--format", "hf"]) == 0
   np.testing.assert_array_equal(load_file(os.path.join(exported, "model.safetensors"))["transformer.wte.weight"],
                                 trained)
   expected, gap = _hf_greedy_texts(exported, RUN_PROMPTS, NEW)
   assert gap > 1e-3, f"near-tie in the reference (top-2 gap {gap:.2e})"
   assert _continuations(out, 3) == expected
-  assert hf_export.main(["--workdir", workdir, "--out", exported]) == 1   # not empty: refused
+  assert export.main(["--workdir", workdir, "--out", exported, "--format", "hf"]) == 1   # not empty: refused
   assert "is not empty" in capsys.readouterr().err
 
 

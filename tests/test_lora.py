@@ -302,6 +302,20 @@ def test_lora_language_model_run_exports_merged_to_transformers(tmp_path):
   assert np.abs(theirs - expected).max() < 1e-4 * scale
   assert np.abs(original - expected).max() > 1e-2   # the adapters learnt something
 
+  # The same run as PEFT adapters on the folder's transformers model (GPT-2's Conv1D: fan_in_fan_out).
+  peft = pytest.importorskip("peft")
+  from transfer import export
+  adapters = tmp_path / "peft"
+  export.export(workdir, adapters, "peft")
+  adapter_config = json.load(open(adapters / "adapter_config.json"))
+  assert adapter_config["fan_in_fan_out"] and adapter_config["task_type"] == "CAUSAL_LM"
+  assert adapter_config["target_modules"] == [f"transformer.h.{i}.{m}" for i in (0, 1) for m in ("attn.c_attn",
+                                                                                                  "mlp.c_fc")]
+  with torch.no_grad():
+    peft_model = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(folder), adapters)
+    theirs = peft_model.eval()(torch.tensor(ids)).logits.numpy()
+  assert np.abs(theirs - expected).max() < 1e-4 * scale
+
   # The base changes under the run (a re-saved folder with one tensor altered): resuming, exporting are refused.
   state = load_file(os.path.join(folder, "model.safetensors"))
   key = next(k for k in state if k.endswith("h.0.mlp.c_fc.weight"))

@@ -9,17 +9,15 @@ anything is written (every missing, unexpected or mis-shaped tensor listed), and
 temporary directory beside it, so a refused export leaves nothing behind.
 
 ``causal_lm_from_workdir`` builds a run's language model with the parameters ``transfer.runs`` reads from its
-checkpoint (``python -m transfer.generate --workdir``), and ``export_workdir`` (``python -m transfer.hf_export``) writes it
+checkpoint (``python -m transfer.generate --workdir``), and ``export_workdir`` (``python -m transfer.export --format hf``) writes it
 out with the tokenizer of the checkpoint the run started from.
 """
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import os
 import shutil
-import sys
 import tempfile
 
 import jax
@@ -31,7 +29,7 @@ from transfer import models, rules, runs
 
 # Copied from the tokenizer folder when present (tokenizer.json is required: the decoders' tokenizer reads it).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "chat_template.jinja", "vocab.json", "merges.txt", "generation_config.json")
+                   "chat_template.jinja", "vocab.json", "merges.txt", "vocab.txt", "generation_config.json")
 # Weight files a folder may already hold; ``overwrite`` removes them, so none is read instead of the new one.
 _WEIGHT_PATTERNS = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json",
                     "pytorch_model.bin", "pytorch_model-*-of-*.bin", "pytorch_model.bin.index.json")
@@ -179,28 +177,3 @@ def export_workdir(workdir, folder, *, checkpoint="last", overwrite: bool = Fals
   hf_config, _ = pretrained.hf_config(source)
   return save_decoder(folder, rules.flatten(variables["params"]), hf_config,
                       tokenizer_folder=pretrained.locate(source)[1], overwrite=overwrite)
-
-
-def main(argv=None) -> int:
-  """``python -m transfer.hf_export --workdir DIR --out FOLDER [--checkpoint last|best|STEP] [--overwrite]``."""
-  parser = argparse.ArgumentParser(prog="python -m transfer.hf_export",
-                                   description="Write a causal-LM training run's checkpoint as a Hugging Face folder.")
-  parser.add_argument("--workdir", required=True, help="the training run's workdir")
-  parser.add_argument("--out", required=True, help="the folder to write (new or empty, unless --overwrite)")
-  parser.add_argument("--checkpoint", default="last", help="'last', 'best' or a step number (default: last)")
-  parser.add_argument("--overwrite", action="store_true", help="replace the files of a non-empty --out")
-  try:
-    args = parser.parse_args(argv)
-  except SystemExit as e:
-    return int(e.code or 0)
-  try:
-    out = export_workdir(args.workdir, args.out, checkpoint=args.checkpoint, overwrite=args.overwrite)
-  except (ValueError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  print(f"wrote {out}")
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())

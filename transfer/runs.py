@@ -168,6 +168,19 @@ def variables_from_workdir(workdir, checkpoint="last", *, merge_lora: bool = Tru
   return config, flat, {k: np.asarray(v) for k, v in stats.items()}, step
 
 
+def trainable_paths(workdir, checkpoint="last") -> list[str]:
+  """The module paths of the parameters the run trained (its checkpoint's ``trainable`` part), from the metadata."""
+  import orbax.checkpoint as ocp
+  step = checkpoint_step(workdir, checkpoint)
+  manager = ocp.CheckpointManager(os.path.join(os.fspath(workdir), "checkpoints"),
+                                  item_handlers=ocp.StandardCheckpointHandler())
+  try:
+    meta = manager.item_metadata(step)
+    return sorted(rules.flatten(getattr(meta, "tree", meta)["trainable"] or {}))
+  finally:
+    manager.close()
+
+
 BASE_FILE = "base.json"   # the digests of a base a checkpoint does not hold (written by the trainer)
 
 

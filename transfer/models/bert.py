@@ -465,4 +465,5 @@ def convert(state, *, cfg, hf_config, source_name):
 
 FAMILY = Family(name='bert', inputs='text', variants={'bert': None}, backbone=build_backbone, convert=convert,
                 layer_regexes=layer_regexes, example_batch=text_example(with_types=True), hf_model_types=MODEL_TYPES,
-                pooling='cls')
+                pooling='cls', to_hf_classifier=to_hf_sequence_classification,
+                hf_weight=lambda path, *, hf_config: (hf_key(path), False))

@@ -283,8 +283,16 @@ def decoder_family(name: str, *, config_cls, model_cls, causal_lm, convert_hf_st
     return ({**hf_config, 'architectures': [hf_architectures[config.model_type]]},
             to_hf_state_dict(flat, config, hf_key_table, source_name=source_name))
 
+  def hf_weight(path, *, hf_config) -> tuple[str, bool]:
+    import re
+    full = path if path.startswith('params/') else 'params/' + path
+    for pattern, key, fn in hf_key_table(config_cls.from_hf(hf_config, 'hf_config')):
+      if match := re.fullmatch(pattern, full):
+        return match.expand(key), fn is None and full.endswith('/kernel')   # kept (in, out): a Conv1D
+    raise ValueError(f"param {path!r} has no Hugging Face {name} counterpart (no row of its export key table)")
+
   return Family(
-      name=name, inputs='text', kind='decoder', variants={name: None},
+      name=name, inputs='text', kind='decoder', variants={name: None}, hf_weight=hf_weight,
       backbone=lambda cfg, dtype: model_cls(config_of(cfg), dtype),
       causal_lm=lambda cfg, dtype: causal_lm(config_of(cfg), dtype),
       convert=lambda state, *, cfg, hf_config, source_name: convert_hf_state_dict(

@@ -83,6 +83,10 @@ class Family:
     Hugging Face state dict)`` (``transfer/hf_export.py``).
   - ``upstream_head``: a regex over converted paths that belong to the checkpoint's own task head (a decoder's
     LM head), dropped when the model being built has no such parameter (a classifier on a decoder).
+  - ``to_hf_classifier(flat, *, hf_config, class_names, pooling)``: text encoders: a classifier's params as
+    ``(config.json, state dict)`` of the transformers sequence-classification class (``transfer/export.py``).
+  - ``hf_weight(path, *, hf_config)``: Hugging Face-style families: ``(state-dict key, conv1d)`` of our param
+    ``path`` in the transformers model (``conv1d``: stored (in, out), GPT-2's Conv1D), for PEFT adapters' names.
   - ``to_timm(flat, *, cfg, num_classes)``: images: the inverse of ``convert`` for timm, giving ``(timm model name,
     create_model kwargs, state dict {timm key: float32 np.ndarray})`` for a classifier's variables: ``flat`` as
     ``transfer.rules.flatten(variables)`` gives them (``params/backbone/...``, ``params/head/{kernel,bias}``,
@@ -109,6 +113,8 @@ class Family:
   pooling: str = "cls"
   causal_lm: Callable[..., Any] | None = None
   to_hf: Callable[..., tuple[dict, dict]] | None = None
+  to_hf_classifier: Callable[..., tuple[dict, dict]] | None = None
+  hf_weight: Callable[..., tuple[str, bool]] | None = None
   to_timm: Callable[..., tuple[str, dict, dict]] | None = None
   upstream_head: str = ""
 
