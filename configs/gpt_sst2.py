@@ -9,8 +9,9 @@ experiments/decoder_transfer.py.
 ARGS: ``init`` = pretrained (``model`` is a Hugging Face folder or hub id whose weights load) or scratch (``model``
 only gives the architecture and tokenizer: the same network, random init); ``fraction`` of SST-2's 67,349 labelled
 training sentences (a fixed random subset); ``data`` = the folder with train.tsv and dev.tsv; ``steps``;
-``pooling`` (mean, or last: the last token's state).
-Every weight trains: the backbone at 0.3x the new head's learning rate. Accuracy on the 872 dev sentences.
+``pooling`` (mean, or last: the last token's state); ``mode`` = full (every weight trains, the backbone at 0.3x
+the new head's learning rate), lora (rank-8 adapters on c_attn and c_fc at the head's rate, the rest frozen) or
+probe (the backbone frozen: its features cached, the head alone). Accuracy on the 872 dev sentences.
 
 Expected: see the README's decoder table (experiments/decoder_transfer.py measures it).
 """
@@ -26,7 +27,7 @@ SST2_TRAIN = 67_349
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   args = config_base.config_args(arg, init="pretrained", model=None, family="gpt2", fraction=1.0,
-                                 data="../shared/data/sst2", steps=0, lr=1e-3, pooling="mean")
+                                 data="../shared/data/sst2", steps=0, lr=1e-3, pooling="mean", mode="full")
   if args["init"] not in ("pretrained", "scratch") or not args["model"]:
     raise ValueError("configs/gpt_sst2.py: ARGS init=pretrained|scratch and model=FOLDER are required")
   if not 0 < args["fraction"] <= 1:
@@ -57,6 +58,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       (".*(bias|scale|embedding)", dict(lr_mult=0.3, wd_mult=0.0)),
       ("backbone/.*", dict(lr_mult=0.3)),
   ]
+  if args["mode"] == "lora":   # rank-8 adapters on the attention and MLP input projections, the rest frozen
+    c.param_rules = [c.param_rules[0], ("backbone/.*(c_attn|c_fc)/kernel", dict(lora=dict(rank=8, alpha=16))),
+                     (".*", dict(freeze=True))]
+  elif args["mode"] == "probe":
+    c.param_rules = [c.param_rules[0], (".*", dict(freeze=True))]
+  elif args["mode"] != "full":
+    raise ValueError(f"configs/gpt_sst2.py: mode={args['mode']!r}: use full, lora or probe")
   c.log_every, c.eval_every = 50, 0
   c.checkpoint.every_steps = 500
   return c

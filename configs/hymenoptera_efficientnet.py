@@ -3,12 +3,15 @@
   python -m transfer.train --config configs/hymenoptera_efficientnet.py:mode=finetune --workdir runs/hymenoptera_ft
   python -m transfer.train --config configs/hymenoptera_efficientnet.py:mode=frozen --workdir runs/hymenoptera_frozen
   python -m transfer.train --config configs/hymenoptera_efficientnet.py:mode=scratch --workdir runs/hymenoptera_scratch
+  python -m transfer.train --config configs/hymenoptera_efficientnet.py:mode=lora --workdir runs/hymenoptera_lora
 
 A smoke run (seconds): add ``--config.data.resolution=64 --config.total_steps=3``.
 
 ARGS: ``mode`` = finetune (all weights train, the backbone at 0.1x the head's lr), frozen (feature extraction: the
 backbone is frozen, its features of the evaluation view are extracted once and cached, only the new head trains)
-or scratch (the same network from random init, everything at the full lr: the baseline).
+or scratch (the same network from random init, everything at the full lr: the baseline), or lora (rank-8
+adapters on the 1x1 convolutions, the backbone frozen under them and in inference mode: BatchNorm keeps its
+ImageNet statistics).
 
 Data: ``config.data.data_dir`` = ``../shared/data/hymenoptera`` (from the project root: ``train/`` and ``val/``,
 one folder per class). 244 training photos (``train/ants/imageNotFound.gif``, a placeholder, is skipped and
@@ -29,8 +32,8 @@ from transfer import config_base
 
 def get_config(arg: str = "mode=finetune") -> ml_collections.ConfigDict:
   mode = config_base.config_args(arg, mode="finetune")["mode"]
-  if mode not in ("finetune", "frozen", "scratch"):
-    raise ValueError(f"config arg mode={mode!r}: use finetune, frozen or scratch")
+  if mode not in ("finetune", "frozen", "scratch", "lora"):
+    raise ValueError(f"config arg mode={mode!r}: use finetune, frozen, scratch or lora")
   c = config_base.base()
   c.model.name = "efficientnet-lite0"
   c.model.pretrained = None if mode == "scratch" else "efficientnet-lite0"
@@ -43,15 +46,18 @@ def get_config(arg: str = "mode=finetune") -> ml_collections.ConfigDict:
   # fine-tuning run used the digits config's lrs (head 1e-2, backbone 0.3x, AdamW) and stood at 0.614 validation
   # accuracy after 100 steps: too hot for photos the ImageNet features already fit. This is the usual AdamW
   # fine-tuning recipe instead: head 1e-3, backbone 0.1x. Scratch keeps digits' 3e-3 for the whole network.
-  c.schedule.lr = {"finetune": 1e-3, "frozen": 1e-2, "scratch": 3e-3}[mode]
+  c.schedule.lr = {"finetune": 1e-3, "frozen": 1e-2, "scratch": 3e-3, "lora": 1e-3}[mode]
   # Half the auto rule's 500 steps (32 epochs of 244 photos; PyTorch's tutorial trains 25): a 2-core CPU budget.
   c.total_steps = 250
   c.schedule.warmup_steps = "auto"
   c.optimizer.weight_decay = 1e-4
   c.param_rules = [
       ("head/.*", dict(load=False, wd_mult=0.0)),       # the new head: fresh (zero) init, full lr
-      ("backbone/.*", {"finetune": dict(lr_mult=0.1), "frozen": dict(freeze=True), "scratch": {}}[mode]),
+      ("backbone/.*", {"finetune": dict(lr_mult=0.1), "frozen": dict(freeze=True), "scratch": {}}.get(mode, {})),
   ]
+  if mode == "lora":   # rank-8 adapters on every 1x1 convolution (expansions and projections), the rest frozen
+    c.param_rules = [c.param_rules[0], ("backbone/.*(expand|project)_conv/kernel", dict(lora=dict(rank=8, alpha=16))),
+                     (".*", dict(freeze=True))]
   c.eval_every = 100               # validation accuracy through training, in metrics.jsonl
   c.checkpoint.every_steps = 0     # only the final checkpoint
   return c

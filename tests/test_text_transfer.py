@@ -280,6 +280,13 @@ def test_minilm_learns_a_synthetic_score(tmp_path):
   assert "eval/accuracy" not in results
   steps = [json.loads(l)["step"] for l in open(tmp_path / "run" / "metrics.jsonl")]
   assert steps[-1] == 24
+  # transfer.predict on the dev pairs: one value per row, whose correlation with the scores is the run's own.
+  from scipy import stats
+  from transfer import predict
+  rows_out = predict.predict(str(tmp_path / "run"), [str(tmp_path / "dev.tsv")])
+  truth = [float(line.split("\t")[2]) for line in open(tmp_path / "dev.tsv").read().splitlines()[1:]]
+  assert len(rows_out) == 64 and set(rows_out[0]) == {"input", "value"} and rows_out[0]["input"].endswith("a friend")
+  assert abs(stats.pearsonr([r["value"] for r in rows_out], truth)[0] - results["eval/pearson"]) < 1e-5
 
 
 def test_regression_labels_must_be_numbers(tmp_path):

@@ -9,6 +9,7 @@ import copy
 import json
 import os
 import re
+import resource
 import signal
 import sys
 import time
@@ -285,6 +286,10 @@ def rebuild_base(workdir: str, config: ml_collections.ConfigDict, trainable: dic
   return frozen, rules.flatten(batch_stats) if stats_recorded else {}
 
 
+def _directory_bytes(path: str) -> int:
+  return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(path) for name in names)
+
+
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2, sort_keys=True))
@@ -370,7 +375,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "the inputs are not images" if not images else
         "the frozen backbone's features are cached (one per image): set config.feature_cache='off' to run the "
         "backbone on blended images, or config.mixup=0"))
-  save_config(config, workdir)   # with the auto rule's picks
   cached_backbone_params, cached_base = 0, {}
   if cache:
     cached_base = base_digests(rules.unflatten({p: v for p, v in params.items() if p.startswith("backbone/")}),
@@ -509,6 +513,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       "trainable_params": optim.count(rules.flatten(state["trainable"])),
       "frozen_params": optim.count(rules.flatten(state["frozen"])) + cached_backbone_params,
       "feature_cache": bool(cached_backbone_params),
+      "optimizer_state_bytes": sum(int(np.asarray(x).nbytes) for x in jax.tree.leaves(state["opt_state"])),
+      "checkpoint_bytes": _directory_bytes(os.path.join(workdir, "checkpoints", str(total_steps))),
+      "peak_host_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,   # Linux: KiB
       "devices": n_dev,
   }
   with open(os.path.join(workdir, "results.json"), "w") as f:

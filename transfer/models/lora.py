@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 from typing import Mapping
 
@@ -96,13 +97,9 @@ def spec_for(kernel_path: str, adapters) -> LoraSpec | None:
   return spec
 
 
-_COMPILED: dict = {}
-
-
+@functools.lru_cache(maxsize=64)   # adapters is a hashable tuple; every layer of a trace asks again
 def _compiled(adapters):
-  if adapters not in _COMPILED:
-    _COMPILED[adapters] = rules_lib.compile_rules(adapters, what="config.param_rules")
-  return _COMPILED[adapters]
+  return rules_lib.compile_rules(adapters, what="config.param_rules")
 
 
 def is_adapter(path: str) -> bool:
