@@ -25,7 +25,7 @@ import tempfile
 
 import numpy as np
 
-from transfer import hf_export, models, runs
+from transfer import hf_export, models, rules, runs
 from transfer.models import lora
 
 FORMATS = ("hf", "peft", "timm")
@@ -104,7 +104,6 @@ def _write_hf(workdir, checkpoint, config, staged: _Staged) -> None:
     hf_export.export_workdir(workdir, staged.dir, checkpoint=checkpoint)
     return
   config, _, variables, class_names, _ = runs.classifier_from_workdir(workdir, checkpoint)
-  from transfer import rules
   fam = models.family(config.model.name)
   config_json, state = fam.to_hf_classifier(rules.flatten(variables["params"]), hf_config=hf_config,
                                             class_names=class_names or None,
@@ -172,7 +171,6 @@ def _write_peft(workdir, checkpoint, config, staged: _Staged) -> None:
 
 
 def _write_timm(workdir, checkpoint, config, staged: _Staged) -> None:
-  from transfer import rules
   config, _, variables, class_names, _ = runs.classifier_from_workdir(workdir, checkpoint)
   fam = models.family(config.model.name)
   name, kwargs, state = fam.to_timm(rules.flatten(variables), cfg=config.model, num_classes=len(class_names))

@@ -9,7 +9,8 @@ anything is written (every missing, unexpected or mis-shaped tensor listed), and
 temporary directory beside it, so a refused export leaves nothing behind.
 
 ``causal_lm_from_workdir`` builds a run's language model with the parameters ``transfer.runs`` reads from its
-checkpoint (``python -m transfer.generate --workdir``), and ``export_workdir`` (``python -m transfer.export --format hf``) writes it
+checkpoint (``python -m transfer.generate --workdir``), and ``export_workdir`` (``python -m transfer.export
+--format hf``) writes it
 out with the tokenizer of the checkpoint the run started from.
 """
 from __future__ import annotations
@@ -33,21 +34,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 # Weight files a folder may already hold; ``overwrite`` removes them, so none is read instead of the new one.
 _WEIGHT_PATTERNS = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json",
                     "pytorch_model.bin", "pytorch_model-*-of-*.bin", "pytorch_model.bin.index.json")
-
-
-def check_params_fit(flat: dict, expected: dict, what: str) -> None:
-  """``flat`` and ``expected`` (``{path: shape}``) hold the same paths with the same shapes, else a ValueError
-  listing what is missing, unexpected and mis-shaped."""
-  parts = []
-  if missing := set(expected) - set(flat):
-    parts.append(f"missing {runs.listing(missing)}")
-  if unexpected := set(flat) - set(expected):
-    parts.append(f"unexpected {runs.listing(unexpected)}")
-  if changed := sorted(p for p in set(flat) & set(expected) if tuple(np.shape(flat[p])) != tuple(expected[p])):
-    parts.append("mis-shaped " + ", ".join(f"{p} {tuple(np.shape(flat[p]))} (model: {tuple(expected[p])})"
-                                           for p in changed[:6]))
-  if parts:
-    raise ValueError(f"{what}: the parameters do not fit the model: " + "; ".join(parts))
 
 
 def _lm_param_shapes(module, fam) -> dict:
@@ -99,7 +85,7 @@ def save_decoder(folder, flat_params, hf_config: dict, tokenizer_folder=None, *,
     _write_json(os.path.join(staging, "config.json"), hf_config)
     # The model config.json describes, built as the loader builds it: every parameter must fit it exactly.
     module = models.build_lm(ml_collections.ConfigDict({"name": fam.name, "architecture": staging}))
-    check_params_fit(flat, _lm_param_shapes(module, fam), f"export to {folder}")
+    runs.check_params_fit(flat, _lm_param_shapes(module, fam), f"export to {folder}")
     config_json, state = fam.to_hf({"params/" + k: v for k, v in flat.items()}, hf_config=hf_config,
                                           source_name="hf_config")
     config_json["dtype"] = "float32"
@@ -157,7 +143,8 @@ def causal_lm_from_workdir(workdir, checkpoint="last"):
   config, flat, _, _ = runs.variables_from_workdir(workdir, step)
   model_cfg = config.model
   module = models.build_lm(model_cfg)
-  check_params_fit(flat, _lm_param_shapes(module, models.family(model_cfg.name)), f"--workdir {workdir} step {step}")
+  runs.check_params_fit(flat, _lm_param_shapes(module, models.family(model_cfg.name)),
+                        f"--workdir {workdir} step {step}")
   return model_cfg, module, {"params": rules.unflatten(flat)}, step
 
 

@@ -28,6 +28,21 @@ def listing(paths, limit: int = 6) -> str:
   return ", ".join(paths[:limit]) + (f" (+{len(paths) - limit} more)" if len(paths) > limit else "")
 
 
+def check_params_fit(flat: dict, expected: dict, what: str) -> None:
+  """``flat`` and ``expected`` (``{path: shape}``) hold the same paths with the same shapes, else a ValueError
+  listing what is missing, unexpected and mis-shaped."""
+  parts = []
+  if missing := set(expected) - set(flat):
+    parts.append(f"missing {listing(missing)}")
+  if unexpected := set(flat) - set(expected):
+    parts.append(f"unexpected {listing(unexpected)}")
+  if changed := sorted(p for p in set(flat) & set(expected) if tuple(np.shape(flat[p])) != tuple(expected[p])):
+    parts.append("mis-shaped " + ", ".join(f"{p} {tuple(np.shape(flat[p]))} (model: {tuple(expected[p])})"
+                                           for p in changed[:6]))
+  if parts:
+    raise ValueError(f"{what}: the parameters do not fit the model: " + "; ".join(parts))
+
+
 def read_config(workdir) -> ml_collections.ConfigDict:
   """``WORKDIR/config.json`` (the resolved config the trainer wrote)."""
   path = os.path.join(os.fspath(workdir), "config.json")
@@ -187,7 +202,6 @@ BASE_FILE = "base.json"   # the digests of a base a checkpoint does not hold (wr
 def classifier_from_workdir(workdir, checkpoint="last"):
   """(config, module, variables, class names, step) of a classification or regression run: the whole model (a
   cached-feature run's backbone re-attached to its head), LoRA merged, checked against the module's shapes."""
-  from transfer import hf_export
   config = read_config(workdir)
   task, class_names = read_labels(workdir)
   if task not in ("classification", "regression"):
@@ -196,7 +210,7 @@ def classifier_from_workdir(workdir, checkpoint="last"):
   config, flat, stats, step = variables_from_workdir(workdir, checkpoint)
   module = models.build(config.model, len(class_names) or 1)
   shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), models.example_batch(config.model.name)))
-  hf_export.check_params_fit(flat, {k: v.shape for k, v in rules.flatten(shapes.get("params", {})).items()},
+  check_params_fit(flat, {k: v.shape for k, v in rules.flatten(shapes.get("params", {})).items()},
                              f"--workdir {workdir} step {step}")
   variables = {"params": rules.unflatten(flat)}
   if stats:
