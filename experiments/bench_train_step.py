@@ -625,6 +625,7 @@ def _jax_case(workload, mode: str, size: int, args) -> dict:
 
   from transfer import config_base, optim, rules, tasks
   from transfer import train as train_lib
+  from transfer.models import layers
   rss_after_import = _current_rss_mb()
 
   # The config the trainer would see: config_base defaults (AdamW b1/b2/eps, clipping) with the workload's model
@@ -684,7 +685,7 @@ def _jax_case(workload, mode: str, size: int, args) -> dict:
     state = jax.device_put(state, replicated)
     t0 = time.perf_counter()
     compiled = jax.jit(train_step, in_shardings=(replicated, sharded), out_shardings=(replicated, replicated),
-                       donate_argnums=0).lower(state, batch).compile()
+                       donate_argnums=0, compiler_options=layers.train_compiler_options()).lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
     losses = []
 

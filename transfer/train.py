@@ -29,6 +29,7 @@ from transfer import metrics as metrics_lib
 from transfer import workdir_lock
 from transfer.checkpoint import Checkpointer
 from transfer.data import mixup
+from transfer.models import layers
 from transfer.models import lora
 
 
@@ -404,7 +405,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train_step, eval_step = make_steps(model, tx, schedule, task, backbone_train=backbone_train, accum=accum,
                                      frozen_stats=frozen_stats)
   p_train_step = jax.jit(train_step, in_shardings=(replicated, sharded), out_shardings=(replicated, replicated),
-                         donate_argnums=0)
+                         donate_argnums=0, compiler_options=layers.train_compiler_options())
   p_eval_step = jax.jit(eval_step, in_shardings=(replicated, sharded), out_shardings=replicated)
 
   def evaluate(state) -> dict:
