@@ -20,6 +20,7 @@ import numpy as np
 from transfer.convert import ConversionError, KeyRow, apply_key_table
 from transfer.models import decoder_common as common
 from transfer.models.decoder_common import CausalLM
+from transfer.models.layers import gradient_barrier
 
 MODEL_TYPES = ('gpt2',)
 
@@ -116,9 +117,10 @@ class Block(nn.Module):
   def __call__(self, x, allowed, layer_cache, index, *, train: bool):
     c = self.config
     dense = lambda feats, name: common.dense(feats, name, self.dtype)
+    x = gradient_barrier(x)   # the residual stream's gradient, materialised per block (layers.gradient_barrier)
     attn, layer_cache = Attention(c, self.layer, self.dtype, name='attn')(
         _layer_norm(c, self.dtype, 'ln_1')(x), allowed, layer_cache, index, train=train)
-    x = x + attn
+    x = gradient_barrier(x + attn)
     h = _layer_norm(c, self.dtype, 'ln_2')(x)
     h = common.ACTIVATIONS[c.activation_function](dense(c.intermediate_size, 'c_fc')(h))
     h = nn.Dropout(c.resid_pdrop, deterministic=not train)(dense(c.hidden_size, 'c_proj')(h))

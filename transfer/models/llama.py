@@ -20,6 +20,7 @@ import numpy as np
 from transfer.convert import ConversionError, KeyRow, apply_key_table
 from transfer.models import decoder_common as common
 from transfer.models.decoder_common import CausalLM
+from transfer.models.layers import gradient_barrier
 
 MODEL_TYPES = ('llama', 'qwen2', 'mistral')
 # HF's per-model_type defaults for fields a config.json may leave out (transformers' LlamaConfig, Qwen2Config,
@@ -243,10 +244,11 @@ class DecoderLayer(nn.Module):
   @nn.compact
   def __call__(self, x, positions, allowed, layer_cache, index, *, train: bool):
     c = self.config
+    x = gradient_barrier(x)   # the residual stream's gradient, materialised per block (layers.gradient_barrier)
     attn, layer_cache = Attention(c, self.dtype, name='self_attn')(
         RMSNorm(c.rms_norm_eps, self.dtype, name='input_layernorm')(x), positions, allowed, layer_cache, index,
         train=train)
-    x = x + attn
+    x = gradient_barrier(x + attn)
     mlp = MLP(c, self.dtype, name='mlp')(RMSNorm(c.rms_norm_eps, self.dtype, name='post_attention_layernorm')(x))
     return x + mlp, layer_cache
 

@@ -32,6 +32,7 @@ from transfer.models.family import (INCEPTION_NORMALIZATION, Family, classifier_
                                     refuse_override, timm_input_overlay, timm_state_dict, torch_conv_weight,
                                     torch_linear_weight)
 from transfer.models.keys import choose_layout, torch_conv_kernel, torch_linear_kernel
+from transfer.models.layers import gradient_barrier
 
 # name -> patch size, width, depth, heads, MLP width, native resolution (ViT paper sizes; DeiT's Ti; a test size).
 VARIANTS = {
@@ -88,10 +89,11 @@ class EncoderBlock(nn.Module):
     norm = lambda name: nn.LayerNorm(LAYERNORM_EPS, use_fast_variance=False, dtype=self.dtype,
                                      param_dtype=jnp.float32, name=name)
     drop = nn.Dropout(self.drop_path, broadcast_dims=(1, 2), deterministic=not train)
+    x = gradient_barrier(x)   # the residual stream's gradient, materialised per block (layers.gradient_barrier)
     y = norm('norm1')(x)
     y = nn.MultiHeadDotProductAttention(self.heads, dtype=self.dtype, param_dtype=jnp.float32,
                                         kernel_init=nn.initializers.xavier_uniform(), name='attn')(y, y)
-    x = x + drop(y)
+    x = gradient_barrier(x + drop(y))
     return x + drop(MlpBlock(self.mlp_dim, dtype=self.dtype, name='mlp')(norm('norm2')(x)))
 
 
