@@ -636,6 +636,7 @@ def _jax_case(workload, mode: str, size: int, args) -> dict:
   config.schedule.lr, config.schedule.decay = LR, "constant"
   config.optimizer.name, config.optimizer.weight_decay = "adamw", WEIGHT_DECAY
   config.optimizer.grad_clip_norm = CLIP_NORM
+  config.dropout_rng_impl = args.dropout_rng_impl
   decoder = isinstance(workload, DecoderWorkload)   # causal LM: its own rules, task and model (no new head)
   config.param_rules = workload.param_rules(mode) if decoder else PARAM_RULES[mode]
   task = tasks.CausalLM(config) if decoder else tasks.Classification(config)
@@ -681,7 +682,8 @@ def _jax_case(workload, mode: str, size: int, args) -> dict:
         config, model, params, batch_stats, dropout_rng, total_steps=total_steps, steps_per_epoch=1)
     out.update(trainable_params=optim.count(rules.flatten(state["trainable"])),
                frozen_params=optim.count(rules.flatten(state["frozen"])), backbone_train=backbone_train)
-    train_step, _ = train_lib.make_steps(model, tx, schedule, task, backbone_train=backbone_train)
+    train_step, _ = train_lib.make_steps(model, tx, schedule, task, backbone_train=backbone_train,
+                                         dropout_rng_impl=config.dropout_rng_impl)
     state = jax.device_put(state, replicated)
     t0 = time.perf_counter()
     compiled = jax.jit(train_step, in_shardings=(replicated, sharded), out_shardings=(replicated, replicated),
@@ -986,7 +988,7 @@ def run_case(name: str, framework: str, mode: str, size: int, args) -> dict:
   cmd = [sys.executable, os.path.abspath(__file__), "--child", f"{name}:{framework}:{mode}:{size}", "--batch",
          str(case_batch(WORKLOADS[name], mode, args)), "--steps", str(args.steps), "--warmup", str(args.warmup),
          "--threads", str(args.threads), "--new-tokens", str(args.new_tokens), "--decode-calls",
-         str(args.decode_calls)]
+         str(args.decode_calls), "--dropout-rng-impl", args.dropout_rng_impl]
   env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p),
          "HF_HUB_OFFLINE": "1"}  # every model is read from a local folder; never wait on the network
   case = {"model": name, "framework": framework, "mode": mode, "size": size}
@@ -1172,6 +1174,8 @@ def main(argv=None) -> int:
   parser.add_argument("--out", default="runs/bench_train_step.json")
   parser.add_argument("--quick", action="store_true",
                       help=f"smoke run: {QUICK_STEPS} timed steps unless --steps, each workload's smallest size unless --sizes")
+  parser.add_argument("--dropout-rng-impl", default="rbg", choices=("rbg", "threefry"),
+                      help="the JAX step's dropout generator (config.dropout_rng_impl; default: the trainer's)")
   parser.add_argument("--case-timeout", type=float, default=1800, help="seconds before a case is abandoned")
   parser.add_argument("--child", help=argparse.SUPPRESS)  # MODEL:FRAMEWORK:MODE:SIZE, run by the parent
   parser.add_argument("--write-weights", help=argparse.SUPPRESS)  # MODEL:SIZE:PATH, run by a JAX child

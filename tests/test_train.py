@@ -215,18 +215,20 @@ def test_uncovered_parameter_and_unknown_dataset(tmp_path):
 # Processes: SIGKILL and resume; 1 vs 8 devices.
 # ------------------------------------------------------------------------------------------------------------------
 TINY_ARGS = ["--config", "tests/tiny_config.py"]
+# Dropout before the head and stochastic depth: the runs below draw random bits every step (config.dropout_rng_impl).
+DROPOUT = ["--config.model.dropout=0.3", "--config.model.drop_path=0.2"]
 
 
 def test_sigkill_mid_training_then_resume_matches_uninterrupted_run(tmp_path):
-  full = run_cli(TINY_ARGS + ["--workdir", str(tmp_path / "full")])
+  full = run_cli(TINY_ARGS + DROPOUT + ["--workdir", str(tmp_path / "full")])
   assert full.returncode == 0, full.stderr[-3000:]
   # No terminal here, so the progress bar is off and progress comes as lines, one per metrics row.
   assert "step 1/8: train/loss" in full.stdout and "step 8/8: train/loss" in full.stdout, full.stdout[-3000:]
   # Killed right after the step-6 checkpoint was started (asynchronously): it may be half-written on disk.
-  killed = run_cli(TINY_ARGS + ["--workdir", str(tmp_path / "resumed"), "--config.fault.kill_at_step=6"])
+  killed = run_cli(TINY_ARGS + DROPOUT + ["--workdir", str(tmp_path / "resumed"), "--config.fault.kill_at_step=6"])
   assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
   assert not (tmp_path / "resumed" / "results.json").exists()
-  resumed = run_cli(TINY_ARGS + ["--workdir", str(tmp_path / "resumed")])
+  resumed = run_cli(TINY_ARGS + DROPOUT + ["--workdir", str(tmp_path / "resumed")])
   assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr[-3000:]
   a, b = restore_checkpoint(tmp_path / "full"), restore_checkpoint(tmp_path / "resumed")
   assert int(a["step"]) == int(b["step"]) == 8
@@ -234,12 +236,17 @@ def test_sigkill_mid_training_then_resume_matches_uninterrupted_run(tmp_path):
     np.testing.assert_array_equal(_leaves({"trainable": b["trainable"], "batch_stats": b["batch_stats"]})[k], v,
                                   err_msg=k)
   assert [r["step"] for r in metrics_lib.read(str(tmp_path / "resumed"))] == list(range(1, 9))
+  # Another dropout generator would draw other masks from here on: refused, naming the field and the recorded one.
+  other = run_cli(TINY_ARGS + DROPOUT + ["--workdir", str(tmp_path / "resumed"), "--config.dropout_rng_impl=threefry"])
+  assert other.returncode == 1 and "config.dropout_rng_impl='threefry'" in other.stderr, other.stderr[-3000:]
+  assert "started with 'rbg'" in other.stderr, other.stderr[-3000:]
 
 
 def test_one_and_eight_devices_give_the_same_metrics(tmp_path):
+  """With dropout and stochastic depth on: the rbg masks are the same on 1 and 8 devices (batch-sharded)."""
   runs = {}
   for n in (1, 8):
-    out = run_cli(TINY_ARGS + ["--workdir", str(tmp_path / f"d{n}")],
+    out = run_cli(TINY_ARGS + DROPOUT + ["--workdir", str(tmp_path / f"d{n}")],
                   env_extra={"XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"})
     assert out.returncode == 0, out.stderr[-3000:]
     runs[n] = json.load(open(tmp_path / f"d{n}" / "results.json"))

@@ -18,6 +18,12 @@ def auto_or(value) -> config_dict.FieldReference:
 def base() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0                      # init, dropout and data order; same seed + config -> same metrics
+  # Random bits for dropout, stochastic depth and LoRA dropout: 'rbg' (XLA's RngBitGenerator, keyed per step and
+  # per layer by threefry from the seed; fast on every backend) or 'threefry' (JAX's default counter-based
+  # generator; lowers to rolled loops on CPU). Both are deterministic and the same on 1 or N devices; the two
+  # draw different masks, so a run resumes with the value it started with (recorded in config.json; a relaunch
+  # that changes it is an error).
+  c.dropout_rng_impl = "rbg"
   # What the run learns (transfer/tasks): 'classification', 'regression' (one score: MSE; Pearson/Spearman),
   # 'causal_lm' (next-token prediction with a decoder; data.name='lm_text'), or 'auto' = the data's own task
   # (TFDS datasets know theirs; local labelled files and image data: classification; lm_text: causal_lm).

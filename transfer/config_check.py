@@ -244,6 +244,7 @@ def validate(config) -> None:
 
   check.integer("seed", 0, maximum=2 ** 63 - 1, hint="seeds the init, dropout and data order")
   check.choice("task", ["auto", *sorted(tasks.TASKS)])
+  check.choice("dropout_rng_impl", ("rbg", "threefry"))
 
   # Model.
   check.choice("model.name", models.NAMES, what="model")

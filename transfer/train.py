@@ -51,6 +51,20 @@ def _check_workdir(workdir: str) -> None:
   workdir_lock.acquire(workdir, log)   # one run per workdir, until the end of the loop (or main's exit)
 
 
+def _check_dropout_rng(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """A run with checkpoints resumes with the dropout generator it started with (config.json written before this
+  field existed: threefry); another one would draw other masks from the same step on."""
+  directory, path = os.path.join(workdir, "checkpoints"), os.path.join(workdir, "config.json")
+  if not (os.path.isdir(directory) and any(n.isdigit() for n in os.listdir(directory)) and os.path.exists(path)):
+    return
+  with open(path) as f:
+    recorded = json.load(f).get("dropout_rng_impl", "threefry")
+  if recorded != config.dropout_rng_impl:
+    raise ValueError(f"config.dropout_rng_impl={config.dropout_rng_impl!r}: the run in --workdir {workdir} started "
+                     f"with {recorded!r} ({path}); resume with --config.dropout_rng_impl={recorded}, or use a new "
+                     f"workdir")
+
+
 def init_variables(config: ml_collections.ConfigDict, num_outputs: int | None, example: dict, *, build=None):
   """(model, params as a flat dict, batch_stats, dropout rng): fresh init, then the pretrained checkpoint merged
   in wherever the ``load`` rules allow (strict diff: see ``transfer.convert.merge_pretrained``).
@@ -144,8 +158,18 @@ def cache_features(config, workdir: str, model, params: dict, batch_stats, train
   return head, head_params, {}, out[0], out[1]
 
 
+def dropout_key(rng: jax.Array, impl: str) -> jax.Array:
+  """The key the model's dropout draws from: ``rng`` itself (threefry), or an ``impl`` key seeded by its bits.
+  'rbg' derives keys (Flax's per-layer fold_in) by threefry, cheap scalar work, and draws the masks with XLA's
+  RngBitGenerator, which on CPU is a vectorised kernel where threefry's bits lower to rolled loops."""
+  if impl == "threefry":
+    return rng
+  return jax.random.wrap_key_data(jax.random.bits(rng, (4,), jnp.uint32), impl=impl)
+
+
 def make_steps(model, tx: optax.GradientTransformation, schedule: optax.Schedule, task: tasks.Task, *,
-               backbone_train: bool, accum: int = 1, frozen_stats: frozenset = frozenset()):
+               backbone_train: bool, accum: int = 1, frozen_stats: frozenset = frozenset(),
+               dropout_rng_impl: str = "rbg"):
   """(train_step, eval_step): pure functions of (state, batch) for the caller to jit with its shardings.
 
   The ``task`` gives the loss (``task.loss(outputs, batch)``) and the eval sums (``task.eval_outputs``); the
@@ -154,7 +178,8 @@ def make_steps(model, tx: optax.GradientTransformation, schedule: optax.Schedule
   ``state`` holds ``trainable`` and ``frozen`` params separately: only ``trainable`` is differentiated and frozen
   ones enter under ``stop_gradient``, so XLA drops every backward computation that only frozen weights need.
   ``frozen_stats``: flat ``batch_stats`` paths whose running averages the step keeps (``optim.frozen_batch_stats``:
-  the statistics of frozen layers).
+  the statistics of frozen layers). ``dropout_rng_impl``: the generator of the dropout bits
+  (``config.dropout_rng_impl``); the state's key stays threefry either way, so checkpoints do not depend on it.
 
   Non-finite guard: ``state['nonfinite_step']`` (0 while all is well) records the first step whose loss or
   gradient norm is not finite, and from then on the step leaves the state as it was. The check costs no host
@@ -164,7 +189,8 @@ def make_steps(model, tx: optax.GradientTransformation, schedule: optax.Schedule
   def loss_fn(trainable, frozen, batch_stats, batch, rng):
     params = rules.unflatten({**rules.flatten(trainable), **rules.flatten(jax.lax.stop_gradient(frozen))})
     outputs, new_vars = model.apply({"params": params, "batch_stats": batch_stats}, batch, train=True,
-                                    backbone_train=backbone_train, rngs={"dropout": rng},
+                                    backbone_train=backbone_train,
+                                    rngs={"dropout": dropout_key(rng, dropout_rng_impl)},
                                     mutable=["batch_stats"] if backbone_train else [])
     return task.loss(outputs.astype(jnp.float32), batch), new_vars.get("batch_stats", batch_stats)
 
@@ -306,6 +332,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # ==============================================================================================================
   config_check.validate(config)
   _check_workdir(workdir)
+  _check_dropout_rng(config, workdir)
   config = copy.deepcopy(config)
   save_config(config, workdir)
 
@@ -403,7 +430,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # The jitted steps.
   # ==============================================================================================================
   train_step, eval_step = make_steps(model, tx, schedule, task, backbone_train=backbone_train, accum=accum,
-                                     frozen_stats=frozen_stats)
+                                     frozen_stats=frozen_stats, dropout_rng_impl=config.dropout_rng_impl)
   p_train_step = jax.jit(train_step, in_shardings=(replicated, sharded), out_shardings=(replicated, replicated),
                          donate_argnums=0, compiler_options=layers.train_compiler_options())
   p_eval_step = jax.jit(eval_step, in_shardings=(replicated, sharded), out_shardings=replicated)
