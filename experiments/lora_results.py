@@ -12,7 +12,8 @@ Rows (each a separate ``python -m transfer.train`` process, so its peak memory i
     the unlabelled corpus, then ``configs/gpt_sst2.py`` at 10% of SST-2 in modes lora, full, probe.
 Columns: accuracy; trainable parameters; optimizer-state bytes; the final checkpoint's bytes on disk; step time
 (seconds per training step after the first, which compiles: it includes the end-of-run evaluation's share of the
-last logging window); the process's peak resident memory. Each step is skipped when its output exists.
+last logging window); the process's peak resident memory. Each step is skipped when its output exists, and
+``--results`` keeps the rows of the parts not run this time (rerun one part: ``--parts vision``).
 """
 from __future__ import annotations
 
@@ -41,9 +42,9 @@ def train_process(config_arg: str, workdir: str, *overrides: str) -> dict:
     return json.load(f)
 
 
-def row(family: str, mode: str, results: dict, batch_size: int) -> dict:
+def row(part: str, family: str, mode: str, results: dict, batch_size: int) -> dict:
   speed = results.get("train_examples_per_sec")
-  return {"family": family, "mode": mode, "accuracy": results["eval/accuracy"], "steps": results["step"],
+  return {"part": part, "family": family, "mode": mode, "accuracy": results["eval/accuracy"], "steps": results["step"],
           "trainable_params": results["trainable_params"], "frozen_params": results["frozen_params"],
           "optimizer_state_bytes": results["optimizer_state_bytes"], "checkpoint_bytes": results["checkpoint_bytes"],
           "step_seconds": batch_size / speed if speed else None, "wall_seconds": results["wall_seconds"],
@@ -76,13 +77,13 @@ def main() -> None:
     for mode in ("lora", "full", "probe"):
       results = train_process(f"configs/minilm_sst2_lora.py:mode={mode},data={data}/sst2",
                               os.path.join(work, f"sst2_{mode}"))
-      rows.append(row("all-MiniLM-L6-v2, SST-2 8k", mode, results, 32))
+      rows.append(row("text", "all-MiniLM-L6-v2, SST-2 8k", mode, results, 32))
   if "vision" in parts:
     for mode in ("lora", "finetune", "frozen"):
       results = train_process(f"configs/hymenoptera_efficientnet.py:mode={mode}", os.path.join(work, f"ants_{mode}"),
                               f"--config.data.data_dir={data}/hymenoptera", "--config.total_steps=100",
                               "--config.eval_every=0")
-      rows.append(row("EfficientNet-Lite0, hymenoptera", mode, results, 32))
+      rows.append(row("vision", "EfficientNet-Lite0, hymenoptera", mode, results, 32))
   if "decoder" in parts:
     corpus, arch = os.path.join(work, "corpus.txt"), os.path.join(work, "arch")
     if not os.path.exists(corpus):
@@ -97,7 +98,13 @@ def main() -> None:
     for mode in ("lora", "full", "probe"):
       results = train_process(f"configs/gpt_sst2.py:init=pretrained,model={hf_folder},fraction=0.1,mode={mode},"
                               f"data={data}/sst2", os.path.join(work, f"gpt_sst2_{mode}"))
-      rows.append(row(f"GPT-2 4x256 (pretrained {args.pretrain_steps} steps here), SST-2 10%", mode, results, 32))
+      rows.append(row("decoder", f"GPT-2 4x256 (pretrained {args.pretrain_steps} steps here), SST-2 10%", mode,
+                      results, 32))
+  if args.results and os.path.exists(args.results):   # the other parts' rows, as measured before
+    with open(args.results) as f:
+      kept = [r for r in json.load(f)["rows"] if r["part"] not in parts]
+    order = ("text", "vision", "decoder")
+    rows = sorted(kept + rows, key=lambda r: order.index(r["part"]))
   text = table(rows)
   print("\n" + text, flush=True)
   out = {"rows": rows, "wall_seconds": time.time() - t0, "table": text}
