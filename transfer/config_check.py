@@ -43,7 +43,7 @@ def split_none_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
   return kept, paths
 
 
-def _holder(config, path: str, flag: str):
+def field_holder(config, path: str, flag: str):
   """(the ConfigDict that holds ``path``'s last part, that part); a missing field is an error naming ``flag``."""
   parts = path.split(".")
   node, where = config, "config"
@@ -61,7 +61,7 @@ def _holder(config, path: str, flag: str):
 def set_none(config, paths: Iterable[str]) -> None:
   """Sets each ``config.PATH`` to None (the ``--config.PATH=None`` arguments); an unknown field is an error."""
   for path in paths:
-    node, leaf = _holder(config, path, f"--config.{path}=None")
+    node, leaf = field_holder(config, path, f"--config.{path}=None")
     node[leaf] = None
 
 
@@ -89,7 +89,7 @@ def resolve_lengths(config, overridden: Iterable[str], log: Callable[[str], None
     other = pair[1] if given[0] == pair[0] else pair[0]
     old = _get(config, other)
     if old is not None:
-      node, leaf = _holder(config, other, f"config.{other}")
+      node, leaf = field_holder(config, other, f"config.{other}")
       node[leaf] = None
       log(f"note: --config.{given[0]}={_get(config, given[0])!r} replaces the config file's {other}={old!r}, "
           f"now None")
