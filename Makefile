@@ -20,8 +20,10 @@ $(VENV)/.test: $(VENV)/.base
 demo: $(VENV)/.base
 	$(PY) -m transfer.demo --workdir runs/demo
 
+# Test files run in parallel, a file per worker (module fixtures built once): TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= 2
 test: $(VENV)/.test
-	$(PY) -m pytest -q -ra --durations=15 tests
+	$(PY) -m pytest -q -ra --durations=15 $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile) tests
 
 bench: $(VENV)/.test
 	$(PY) experiments/bench_train_step.py --model all --out runs/bench_train_step.json

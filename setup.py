@@ -36,6 +36,7 @@ setup(
         # installs here is torch 2.14.1 + torchvision 0.29.1 (CUDA builds; they run on CPU).
         "test": [
             "pytest>=8",
+            "pytest-xdist>=3.5",            # make test runs the files on every core (TEST_WORKERS)
             "torch==2.14.1",
             "torchvision==0.29.1",          # ResNet references
             "timm==1.0.31",                 # ResNet/BiT/ViT/tf_efficientnet_lite references and npz loaders

@@ -47,6 +47,10 @@ def base() -> ml_collections.ConfigDict:
   # 'auto' (= 'train' if some backbone parameter trains). A frozen backbone in inference mode is a fixed extractor.
   c.model.backbone_mode = "auto"
   c.model.dtype = "float32"                             # computation dtype: float32 or bfloat16
+  # Rematerialisation of the transformer families' repeated blocks (ViT, BERT, GPT-2, Llama): 'none' keeps every
+  # activation for the backward pass; 'block' keeps only each block's input and recomputes the rest; 'dots' keeps
+  # the matmul outputs and recomputes the elementwise work between them. Same results, less activation memory.
+  c.model.remat = "none"
   # Images: how pixels are normalised before the backbone. 'auto' = the family's usual checkpoints ([-1, 1] for
   # EfficientNet-Lite, BiT and Google's ViTs; ImageNet mean/std for ResNets), 'imagenet', 'inception' ([-1, 1]),
   # or [mean, std] in pixel units. Set 'imagenet' for DeiT or DINO ViT checkpoints.
@@ -137,6 +141,16 @@ def base() -> ml_collections.ConfigDict:
   # (lora=dict(rank, alpha, dropout, rslora) on Dense/conv kernels; transfer/models/lora.py); see transfer.optim.
   c.param_rules = [(".*", {})]
   c.layer_decay = 0.0              # layer-wise lr decay factor for numbered blocks (0 = off), e.g. 0.8
+
+  # Devices (transfer/sharding.py). The mesh's axes and sizes: 'data' splits the batch and replicates the state,
+  # 'fsdp' splits the batch and every parameter with its optimizer state (fully sharded data parallel), 'tensor'
+  # splits attention heads and MLP units. Sizes multiply to the device count; -1 takes the remaining devices.
+  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+  # Which parameter is split how, first full-path match wins: 'replicate', 'fsdp' (largest dimension the fsdp
+  # size divides), 'tensor' (the family's tensor-parallel layout, 'fsdp' for parameters it does not name), or a
+  # per-dimension spec such as (None, 'tensor'). Optimizer state follows its parameter. With fsdp=tensor=1 (the
+  # default mesh) every rule means 'replicate'.
+  c.sharding_rules = [(".*", "fsdp")]
 
   # A frozen backbone in inference mode is run once over the data and its features cached (transfer/features.py):
   # 'on', 'off' or 'auto' (= whenever the backbone is fixed). Cache folder: default WORKDIR/features.

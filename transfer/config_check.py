@@ -231,6 +231,29 @@ def _check_param_rules(config, errors: list[str]) -> None:
         errors.append(str(e))
 
 
+def _check_mesh(config, errors: list[str]) -> None:
+  from transfer import sharding
+  if "mesh" in config:
+    free = []
+    for axis in sharding.MESH_AXES:
+      size = config.mesh.get(axis, 1)
+      if isinstance(size, bool) or not isinstance(size, int) or (size < 1 and size != -1):
+        errors.append(f"config.mesh.{axis}={size!r}: expected a positive int, or -1 for the remaining devices")
+      elif size == -1:
+        free.append(axis)
+    if len(free) > 1:
+      errors.append(f"config.mesh: only one axis may be -1 (the remaining devices), got {', '.join(free)}")
+  if "sharding_rules" in config:
+    if not isinstance(config.sharding_rules, (list, tuple)):
+      errors.append(f"config.sharding_rules={config.sharding_rules!r}: expected a list of (regex, value) pairs, e.g. "
+                    "[('.*', 'fsdp')]")
+      return
+    try:
+      sharding.check_rules(config.sharding_rules)
+    except ValueError as e:
+      errors.append(str(e))
+
+
 def validate(config) -> None:
   """Raises ValueError listing every field of ``config`` whose type or value is wrong, each named
   ``config.FIELD=value: expected ...``. Cheap (no data, no model): call it before any work."""
@@ -257,6 +280,7 @@ def validate(config) -> None:
   check.number("model.bn_momentum", 0, 1)
   check.choice("model.backbone_mode", ("auto", "train", "inference"))
   check.choice("model.dtype", sorted(models.DTYPES))
+  check.choice("model.remat", models.REMAT_POLICIES)
   check.choice("model.pooling", TEXT_POOLINGS)
   check.integer("model.posemb_grid", 1, optional=True)
   check.choice("model.padding", sorted(efficientnet_lite.PADDINGS), optional=True)
@@ -336,6 +360,10 @@ def validate(config) -> None:
   _check_param_rules(config, check.errors)
   check.number("layer_decay", 0, 1, hint="0: off; e.g. 0.8")
 
+  # Devices: the mesh's sizes and the sharding rules' shape (whether they fit the device count and the parameters
+  # is checked once both are known, before compiling: transfer/sharding.py).
+  _check_mesh(config, check.errors)
+
   # Feature cache, logging, checkpoints.
   check.choice("feature_cache", ("auto", "on", "off"))
   check.text("feature_cache_dir")
@@ -346,7 +374,6 @@ def validate(config) -> None:
   check.text("checkpoint.best_metric")
   check.choice("checkpoint.best_mode", ("auto", "max", "min"))
   check.integer("fault.kill_at_step", 1, optional=True)
-  check.integer("fault.nan_at_step", 1, optional=True)
   check.integer("fault.nan_at_step", 1, optional=True)
 
   if check.errors:

@@ -19,10 +19,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from transfer import config_check, convert, data, hyper_rule, models, optim, rules, runs, tasks
+from transfer import config_check, convert, data, hyper_rule, models, optim, rules, runs, sharding, tasks
 from transfer import checkpoint as checkpoint_lib
 from transfer import features as features_lib
 from transfer import metrics as metrics_lib
@@ -146,11 +146,11 @@ def use_feature_cache(config: ml_collections.ConfigDict, specs: dict) -> bool:
   return fixed and choice != "off"
 
 
-def cache_features(config, workdir: str, model, params: dict, batch_stats, train_ds, eval_ds, sharding,
+def cache_features(config, workdir: str, model, params: dict, batch_stats, train_ds, eval_ds, batch_sharding,
                    batch_size: int):
   """Extracts (or reloads) both splits' features; returns the head-only model, params and datasets."""
   feats = features_lib.extract_or_reuse(config, workdir, params, batch_stats, {"train": train_ds, "eval": eval_ds},
-                                        sharding, batch_size)
+                                        batch_sharding, batch_size)
   out = [data.ArrayDataset({"features": feats[split][0]}, ds.labels, ds.class_names, ds.name, task=ds.task)
          for split, ds in (("train", train_ds), ("eval", eval_ds))]
   head = models.FeatureClassifier(num_classes=train_ds.num_outputs, dropout=config.model.get("dropout", 0.0))
@@ -234,6 +234,26 @@ def make_steps(model, tx: optax.GradientTransformation, schedule: optax.Schedule
     return task.eval_outputs(outputs.astype(jnp.float32), batch)
 
   return train_step, eval_step
+
+
+def sharded_steps(config: ml_collections.ConfigDict, model, task: tasks.Task, mesh, state: dict, tx, schedule, *,
+                  backbone_train: bool, accum: int = 1, frozen_stats: frozenset = frozenset()):
+  """(jitted train step, jitted eval step, the state's shardings, ``{param path: (rule, PartitionSpec)}``).
+
+  ``state`` may be abstract (``jax.eval_shape``'s): ``transfer.plan`` compiles the same steps without allocating
+  anything. The train step donates the state (updated in place) and takes the backend's compiler options
+  (``layers.train_compiler_options``); the batch is split over the mesh's data and fsdp axes."""
+  flat = {**rules.flatten(state["trainable"]), **rules.flatten(state["frozen"])}
+  shard_specs = sharding.param_partition_specs(config.sharding_rules, {p: tuple(np.shape(v)) for p, v in flat.items()},
+                                               dict(mesh.shape), models.tensor_parallel_layout(model))
+  state_sharding = sharding.state_shardings(state, mesh, {p: spec for p, (_, spec) in shard_specs.items()})
+  replicated, batch = NamedSharding(mesh, P()), sharding.batch_sharding(mesh)
+  train_step, eval_step = make_steps(model, tx, schedule, task, backbone_train=backbone_train, accum=accum,
+                                     frozen_stats=frozen_stats, dropout_rng_impl=config.dropout_rng_impl)
+  p_train_step = jax.jit(train_step, in_shardings=(state_sharding, batch), out_shardings=(state_sharding, replicated),
+                         donate_argnums=0, compiler_options=layers.train_compiler_options())
+  p_eval_step = jax.jit(eval_step, in_shardings=(state_sharding, batch), out_shardings=replicated)
+  return p_train_step, p_eval_step, state_sharding, shard_specs
 
 
 # ================================================================================================================
@@ -371,15 +391,18 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                                            build=lambda cfg: task.build_model(cfg, train_ds))
 
   # ==============================================================================================================
-  # Devices: the batch is sharded over all of them, everything else replicated.
+  # Devices (transfer/sharding.py): the mesh, each parameter's sharding by config.sharding_rules, the batch split
+  # over the data and fsdp axes. Everything is checked here, before anything compiles.
   # ==============================================================================================================
-  mesh = Mesh(np.array(jax.devices()), ("data",))
-  replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-  n_dev = jax.device_count()
+  mesh = sharding.make_mesh(config.mesh)
+  sharded = sharding.batch_sharding(mesh)
+  n_dev, ways = mesh.size, sharding.batch_ways(mesh)
   eval_batch_size = int(config.eval_batch_size)
   for field, size in (("batch_size", batch_size // accum), ("eval_batch_size", eval_batch_size)):
-    if size % n_dev:
-      raise ValueError(f"config.{field} (per micro-batch {size}) must be divisible by the {n_dev} devices")
+    if size % ways:
+      raise ValueError(f"config.{field} (per micro-batch {size}) must be divisible by the {ways} ways the batch is "
+                       f"split (config.mesh data x fsdp: {sharding.describe(mesh)})")
+  log(f"mesh: {sharding.describe(mesh)}")
 
   # ==============================================================================================================
   # Parameter rules: each parameter's lr, wd, freezing and loading (transfer.optim.param_specs), shown as a table.
@@ -427,13 +450,18 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       f"{optim.count(rules.flatten(state['frozen'])):,} parameters{mode_note}")
 
   # ==============================================================================================================
-  # The jitted steps.
+  # Shardings and the jitted steps: each parameter's sharding by config.sharding_rules (shown as a table when a
+  # parameter is split), its optimizer state's alike, the rest replicated.
   # ==============================================================================================================
-  train_step, eval_step = make_steps(model, tx, schedule, task, backbone_train=backbone_train, accum=accum,
-                                     frozen_stats=frozen_stats, dropout_rng_impl=config.dropout_rng_impl)
-  p_train_step = jax.jit(train_step, in_shardings=(replicated, sharded), out_shardings=(replicated, replicated),
-                         donate_argnums=0, compiler_options=layers.train_compiler_options())
-  p_eval_step = jax.jit(eval_step, in_shardings=(replicated, sharded), out_shardings=replicated)
+  p_train_step, p_eval_step, state_sharding, shard_specs = sharded_steps(
+      config, model, task, mesh, state, tx, schedule, backbone_train=backbone_train, accum=accum,
+      frozen_stats=frozen_stats)
+  if mesh.shape["fsdp"] > 1 or mesh.shape["tensor"] > 1:
+    param_shapes = {p: tuple(np.shape(v)) for p, v in params.items()}
+    log("sharding rules (first match wins; every parameter in WORKDIR/shardings.txt):\n" + sharding.sharding_table(
+        config.sharding_rules, shard_specs, param_shapes, dict(mesh.shape)))
+    with open(os.path.join(workdir, "shardings.txt"), "w") as f:
+      f.write(sharding.listing(shard_specs, param_shapes))
 
   def evaluate(state) -> dict:
     """The task's metrics over every eval example once (the last batch padded and masked)."""
@@ -451,7 +479,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # ==============================================================================================================
   # Restore the last checkpoint, or start.
   # ==============================================================================================================
-  state = jax.device_put(state, replicated)
+  state = jax.device_put(state, state_sharding)
   ckpt_cfg = config.checkpoint
   best_metric, best_mode = ckpt_cfg.get("best_metric"), ckpt_cfg.get("best_mode", "auto")
   best_metric = task.best_metric if best_metric == "auto" else best_metric
@@ -556,6 +584,37 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 # ================================================================================================================
 # Command line.
 # ================================================================================================================
+class CommandLineError(ValueError):
+  """An unknown flag or field, a value of the wrong type, a config file that does not load."""
+
+
+def command_line_config(argv: list[str], define_flags=lambda: None):
+  """``(config, overridden field paths)`` from ``--config configs/NAME.py[:ARGS]`` and its ``--config.FIELD=V``
+  overrides (``--config.FIELD=None`` clears a field); ``(None, [])`` without ``--config``. ``define_flags``
+  defines the command's other absl flags first. The one parser of config command lines (``transfer.train``,
+  ``transfer.plan``); raises ``CommandLineError`` with a message for the user."""
+  from absl import flags
+  from ml_collections import config_flags
+  argv, none_paths = config_check.split_none_overrides(argv)   # ml_collections' float parser rejects 'None'
+  config_flag = config_flags.DEFINE_config_file("config", None, "configs/NAME.py[:ARGS]", lock_config=True,
+                                                sys_argv=argv)
+  define_flags()
+  try:
+    flags.FLAGS(argv)
+    if config_flag.value is not None:
+      config_flag.value.keys()   # a config file that failed to load raises its (deferred) error here
+      config_check.set_none(config_flag.value, none_paths)
+  except (AttributeError, KeyError, ValueError, OSError, flags.Error) as e:  # misspelt --config.X overrides too
+    msg = str(e).strip("'\"").replace("\\n", "\n").replace("\\'", "'")
+    if isinstance(e, (AttributeError, KeyError)):   # ml_collections names only the field (and maybe a close one)
+      field, _, rest = msg.partition("\n")
+      msg = f"the config has no field {field.strip(chr(39))!r} (all fields: transfer/config_base.py)\n{rest}".strip()
+    raise CommandLineError(msg) from None
+  if config_flag.value is None:
+    return None, []
+  return config_flag.value, [*config_flags.get_override_values(flags.FLAGS["config"]), *none_paths]
+
+
 def main(argv=None) -> int:
   """``python -m transfer.train``. What the user sees when a run stops, by cause:
 
@@ -572,33 +631,19 @@ def main(argv=None) -> int:
   ``--config.FIELD=None`` clears a field, and a length the command line gives (total_steps or total_epochs,
   schedule.warmup_steps or warmup_epochs) replaces the config file's, with a note (``transfer.config_check``)."""
   from absl import flags
-  from ml_collections import config_flags
-
-  argv = sys.argv if argv is None else argv
-  argv, none_paths = config_check.split_none_overrides(argv)   # ml_collections' float parser rejects 'None'
-  config_flag = config_flags.DEFINE_config_file("config", None, "configs/NAME.py[:ARGS]", lock_config=True,
-                                                sys_argv=argv)
-  flags.DEFINE_string("workdir", None, "where checkpoints, metrics and results go (resumes if it has them)")
+  define = lambda: flags.DEFINE_string("workdir", None, "where checkpoints, metrics and results go (resumes if any)")
   try:
-    flags.FLAGS(argv)
-    if config_flag.value is not None:
-      config_flag.value.keys()   # a config file that failed to load raises its (deferred) error here
-      config_check.set_none(config_flag.value, none_paths)
-  except (AttributeError, KeyError, ValueError, OSError, flags.Error) as e:  # misspelt --config.X overrides too
-    msg = str(e).strip("'\"").replace("\\n", "\n").replace("\\'", "'")
-    if isinstance(e, (AttributeError, KeyError)):   # ml_collections names only the field (and maybe a close one)
-      field, _, rest = msg.partition("\n")
-      msg = f"the config has no field {field.strip(chr(39))!r} (all fields: transfer/config_base.py)\n{rest}".strip()
-    print(f"error in the command line: {msg}", file=sys.stderr)
+    config, overrides = command_line_config(sys.argv if argv is None else argv, define)
+  except CommandLineError as e:
+    print(f"error in the command line: {e}", file=sys.stderr)
     return 2
-  if config_flag.value is None or not flags.FLAGS.workdir:
+  if config is None or not flags.FLAGS.workdir:
     print("usage: python -m transfer.train --config configs/NAME.py --workdir DIR", file=sys.stderr)
     return 2
   try:
-    config_check.resolve_lengths(config_flag.value,
-                                 [*config_flags.get_override_values(flags.FLAGS["config"]), *none_paths], log)
-    config_check.validate(config_flag.value)
-    train(config_flag.value, flags.FLAGS.workdir)
+    config_check.resolve_lengths(config, overrides, log)
+    config_check.validate(config)
+    train(config, flags.FLAGS.workdir)
   except KeyboardInterrupt:
     print("interrupted: relaunch with the same --workdir to resume from its last checkpoint", file=sys.stderr)
     return 130

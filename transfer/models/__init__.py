@@ -9,7 +9,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from transfer.models import bert, efficientnet_lite, gpt2, llama, lora, resnet, resnetv2, vit
+from transfer.models import bert, efficientnet_lite, gpt2, layers, llama, lora, resnet, resnetv2, vit
 from transfer.models.classifier import FeatureClassifier, ImageClassifier, TextClassifier
 from transfer.models.family import IMAGENET_NORMALIZATION, INCEPTION_NORMALIZATION, Family
 
@@ -24,6 +24,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
 )}
 NAMES = sorted(name for f in FAMILIES.values() for name in f.variants)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+REMAT_POLICIES = layers.REMAT_POLICIES   # config.model.remat (transfer/models/layers.py: remat)
 
 # config.model.input_norm by name: the two conventions checkpoints are trained with.
 NAMED_NORMALIZATIONS = {"imagenet": IMAGENET_NORMALIZATION, "inception": INCEPTION_NORMALIZATION}
@@ -138,6 +139,14 @@ def layer_regexes(model) -> list[tuple[str, object]]:
   if isinstance(model, FeatureClassifier) or not hasattr(model, "backbone"):
     return []
   return family_of_module(model.backbone).layer_regexes(model.backbone)
+
+
+def tensor_parallel_layout(model) -> list[tuple[str, tuple]]:
+  """The backbone family's tensor-parallel layout (``Family.tensor_parallel``; none for a head on cached
+  features), for ``config.sharding_rules``' value 'tensor' (``transfer/sharding.py``)."""
+  if isinstance(model, FeatureClassifier) or not hasattr(model, "backbone"):
+    return []
+  return list(family_of_module(model.backbone).tensor_parallel)
 
 
 def family_of_module(module) -> Family:

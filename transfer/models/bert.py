@@ -26,6 +26,7 @@ from flax import traverse_util
 from transfer.convert import ConversionError, KeyRow, apply_key_table
 from transfer.models.classifier import TEXT_POOLINGS
 from transfer.models.family import Family, hf_architecture, text_example
+from transfer.models.layers import remat
 from transfer.models.lora import is_adapter
 
 # HF activation names -> functions. 'gelu' is the exact erf form; the other two are the same tanh approximation.
@@ -145,7 +146,7 @@ class Layer(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, mask_bias, *, train: bool):
+  def __call__(self, x, mask_bias, train: bool):
     c = self.config
     dense = lambda feats, name: nn.Dense(feats, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=_INIT,
                                          name=name)
@@ -179,9 +180,11 @@ class BertEncoder(nn.Module):
 
   ``token_type_ids`` default to zeros (HF's default). ``dtype`` is the compute dtype; params stay float32 and
   attention scores/softmax are float32 whatever ``dtype`` is. Dropout only with ``train`` (rng stream 'dropout').
+  ``remat``: ``config.model.remat`` for the layers (``transfer.models.layers.remat``).
   """
   config: BertConfig
   dtype: Any = jnp.float32
+  remat: str = 'none'
 
   @nn.compact
   def __call__(self, input_ids, attention_mask, token_type_ids=None, *, train: bool = False):
@@ -192,8 +195,9 @@ class BertEncoder(nn.Module):
     keep = jnp.asarray(attention_mask).astype(bool)[:, None, None, :]
     mask_bias = jnp.where(keep, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
     x = Embeddings(c, self.dtype, name='embeddings')(input_ids, token_type_ids, train=train)
+    layer = remat(Layer, self.remat, static_argnums=(3,))   # train
     for i in range(c.num_hidden_layers):
-      x = Layer(c, self.dtype, name=f'layer_{i}')(x, mask_bias, train=train)
+      x = layer(c, self.dtype, name=f'layer_{i}')(x, mask_bias, train)
     pooled = nn.Dense(c.hidden_size, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=_INIT,
                       name='pooler')(x[:, 0])
     return x, jnp.tanh(pooled)
@@ -451,7 +455,7 @@ def to_hf_sequence_classification(flat: Mapping[str, Any], *, hf_config: Mapping
 
 def build_backbone(cfg, dtype) -> BertEncoder:
   config, path = hf_architecture(cfg)
-  return BertEncoder(BertConfig.from_hf(config, path), dtype=dtype)
+  return BertEncoder(BertConfig.from_hf(config, path), dtype=dtype, remat=cfg.get('remat', 'none'))
 
 
 def layer_regexes(backbone: BertEncoder) -> list:
@@ -463,7 +467,19 @@ def convert(state, *, cfg, hf_config, source_name):
   return convert_hf_state_dict(state, BertConfig.from_hf(hf_config, source_name), source_name=source_name)
 
 
+# Tensor parallelism (config.sharding_rules value 'tensor', transfer/sharding.py): q/k/v and mlp_in split over
+# their output units (heads, hidden), out and mlp_out over their input units.
+TENSOR_PARALLEL = [
+    (r'backbone/layer_\d+/attention/(query|key|value)/kernel', ('fsdp', 'tensor')),
+    (r'backbone/layer_\d+/attention/(query|key|value)/bias', ('tensor',)),
+    (r'backbone/layer_\d+/attention/out/kernel', ('tensor', 'fsdp')),
+    (r'backbone/layer_\d+/mlp_in/kernel', ('fsdp', 'tensor')),
+    (r'backbone/layer_\d+/mlp_in/bias', ('tensor',)),
+    (r'backbone/layer_\d+/mlp_out/kernel', ('tensor', 'fsdp')),
+]
+
+
 FAMILY = Family(name='bert', inputs='text', variants={'bert': None}, backbone=build_backbone, convert=convert,
-                layer_regexes=layer_regexes, example_batch=text_example(with_types=True), hf_model_types=MODEL_TYPES,
+                layer_regexes=layer_regexes, tensor_parallel=TENSOR_PARALLEL, example_batch=text_example(with_types=True), hf_model_types=MODEL_TYPES,
                 pooling='cls', to_hf_classifier=to_hf_sequence_classification,
                 hf_weight=lambda path, *, hf_config: (hf_key(path), False))

@@ -269,7 +269,8 @@ def to_hf_state_dict(flat_params: Mapping[str, np.ndarray], config, hf_key_table
 
 
 def decoder_family(name: str, *, config_cls, model_cls, causal_lm, convert_hf_state_dict, hf_key_table,
-                   hf_architectures: Mapping[str, str], layer_regexes, model_types: tuple[str, ...]):
+                   hf_architectures: Mapping[str, str], layer_regexes, model_types: tuple[str, ...],
+                   tensor_parallel=()):
   """The ``Family`` record of a decoder family (``transfer/models/family.py``): its backbone, its causal LM, its
   conversion from and to Hugging Face checkpoints, all from a ``config.json`` read by ``config_cls.from_hf``."""
   from transfer.models.family import Family, hf_architecture, text_example
@@ -293,9 +294,10 @@ def decoder_family(name: str, *, config_cls, model_cls, causal_lm, convert_hf_st
 
   return Family(
       name=name, inputs='text', kind='decoder', variants={name: None}, hf_weight=hf_weight,
-      backbone=lambda cfg, dtype: model_cls(config_of(cfg), dtype),
-      causal_lm=lambda cfg, dtype: causal_lm(config_of(cfg), dtype),
+      backbone=lambda cfg, dtype: model_cls(config_of(cfg), dtype, remat=cfg.get('remat', 'none')),
+      causal_lm=lambda cfg, dtype: causal_lm(config_of(cfg), dtype, remat=cfg.get('remat', 'none')),
       convert=lambda state, *, cfg, hf_config, source_name: convert_hf_state_dict(
           state, config_cls.from_hf(hf_config, source_name), source_name=source_name),
       to_hf=to_hf, layer_regexes=layer_regexes, example_batch=text_example(with_types=False),
-      hf_model_types=model_types, pooling='last', upstream_head=r'params/lm_head/.*')
+      hf_model_types=model_types, pooling='last', upstream_head=r'params/lm_head/.*',
+      tensor_parallel=tuple(tensor_parallel))

@@ -98,6 +98,10 @@ class Family:
     BatchNorm step counters (``num_batches_tracked``) are int64 zeros, as PyTorch stores them. A configuration
     timm cannot build exactly is a ValueError naming the ``config.model`` field; a variable without a timm key,
     or a timm key left without a variable, is an error listing them (``timm_state_dict``).
+  - ``tensor_parallel``: ``[(regex over param paths, per-dimension spec)]``, the layout ``config.sharding_rules``'
+    value ``'tensor'`` gives (``transfer/sharding.py``): the kernels that feed attention heads or MLP hidden units
+    split over ``tensor`` on their output dimension, the kernels that read them on their input dimension (one
+    all-reduce per sublayer), the other dimension over ``fsdp``. Empty for families without such layers.
   """
   name: str
   inputs: str
@@ -117,6 +121,7 @@ class Family:
   hf_weight: Callable[..., tuple[str, bool]] | None = None
   to_timm: Callable[..., tuple[str, dict, dict]] | None = None
   upstream_head: str = ""
+  tensor_parallel: Sequence[tuple[str, tuple]] = ()
 
   def __post_init__(self):
     if self.inputs not in ("image", "text"):

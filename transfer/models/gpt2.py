@@ -20,7 +20,7 @@ import numpy as np
 from transfer.convert import ConversionError, KeyRow, apply_key_table
 from transfer.models import decoder_common as common
 from transfer.models.decoder_common import CausalLM
-from transfer.models.layers import gradient_barrier
+from transfer.models.layers import gradient_barrier, remat
 
 MODEL_TYPES = ('gpt2',)
 
@@ -114,7 +114,7 @@ class Block(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, allowed, layer_cache, index, *, train: bool):
+  def __call__(self, x, allowed, layer_cache, index, train: bool):
     c = self.config
     dense = lambda feats, name: common.dense(feats, name, self.dtype)
     x = gradient_barrier(x)   # the residual stream's gradient, materialised per block (layers.gradient_barrier)
@@ -132,16 +132,19 @@ class GPT2Model(nn.Module):
 
   ``dtype`` is the compute dtype; params stay float32, attention scores/softmax are float32. Dropout (embd, attn,
   resid pdrop, as HF) only with ``train`` (rng stream 'dropout'). Parameter names follow HF's (wte, wpe, h_i, ln_f).
+  ``remat``: ``config.model.remat`` for the blocks (``transfer.models.layers.remat``), with or without a cache.
   """
   config: GPT2Config
   dtype: Any = jnp.float32
+  remat: str = 'none'
 
   def setup(self):
     c = self.config
     embed = lambda num: nn.Embed(num, c.hidden_size, dtype=self.dtype, param_dtype=jnp.float32,
                                  embedding_init=common.INIT)
     self.wte, self.wpe = embed(c.vocab_size), embed(c.max_position_embeddings)
-    self.h = [Block(c, i, self.dtype) for i in range(c.num_hidden_layers)]
+    block = remat(Block, self.remat, static_argnums=(5,))   # train
+    self.h = [block(c, i, self.dtype) for i in range(c.num_hidden_layers)]
     self.ln_f = _layer_norm(c, self.dtype, None)
     self.embd_drop = nn.Dropout(c.embd_pdrop)
 
@@ -157,7 +160,7 @@ class GPT2Model(nn.Module):
     x = self.embd_drop(self.wte(input_ids) + self.wpe(jnp.asarray(positions, jnp.int32)), deterministic=not train)
     layers = []
     for i, block in enumerate(self.h):
-      x, layer_cache = block(x, allowed, None if cache is None else cache['layers'][i], index, train=train)
+      x, layer_cache = block(x, allowed, None if cache is None else cache['layers'][i], index, train)
       layers.append(layer_cache)
     return self.ln_f(x), common.updated_cache(cache, key_mask, length, layers)
 
@@ -171,9 +174,9 @@ class GPT2Model(nn.Module):
                              head_dim=c.head_dim, dtype=self.dtype)
 
 
-def causal_lm(config: GPT2Config, dtype=jnp.float32) -> CausalLM:
+def causal_lm(config: GPT2Config, dtype=jnp.float32, remat: str = 'none') -> CausalLM:
   """GPT-2 with its LM head (tied or not, as the config says): params under ``backbone/`` and ``lm_head/``."""
-  return CausalLM(backbone=GPT2Model(config, dtype), tie_word_embeddings=config.tie_word_embeddings)
+  return CausalLM(backbone=GPT2Model(config, dtype, remat), tie_word_embeddings=config.tie_word_embeddings)
 
 
 def layer_regexes(backbone: GPT2Model) -> list:
@@ -269,7 +272,18 @@ def hf_key_table(config: GPT2Config) -> list[KeyRow]:
 # ---------------------------------------------------------------------------------------------------------------
 # The family record (transfer/models/family.py).
 
+
+# Tensor parallelism (config.sharding_rules value 'tensor', transfer/sharding.py): c_attn (the fused q|k|v, its
+# output split into contiguous blocks over 'tensor', which the compiler re-lays for the head split) and c_fc over
+# their output units, the two c_proj over their input units.
+TENSOR_PARALLEL = [
+    (r'backbone/h_\d+/(attn/c_attn|c_fc)/kernel', ('fsdp', 'tensor')),
+    (r'backbone/h_\d+/(attn/c_attn|c_fc)/bias', ('tensor',)),
+    (r'backbone/h_\d+/(attn/)?c_proj/kernel', ('tensor', 'fsdp')),
+]
+
+
 FAMILY = common.decoder_family(
     'gpt2', config_cls=GPT2Config, model_cls=GPT2Model, causal_lm=causal_lm,
     convert_hf_state_dict=convert_hf_state_dict, hf_key_table=hf_key_table, hf_architectures=HF_ARCHITECTURES,
-    layer_regexes=layer_regexes, model_types=MODEL_TYPES)
+    layer_regexes=layer_regexes, model_types=MODEL_TYPES, tensor_parallel=TENSOR_PARALLEL)

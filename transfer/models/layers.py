@@ -35,6 +35,34 @@ def train_compiler_options() -> dict[str, str] | None:
   return {"xla_disable_hlo_passes": "cse_barrier_expander"} if jax.default_backend() == "cpu" else None
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Rematerialisation (activation checkpointing) of a family's repeated blocks: ``config.model.remat``.
+
+REMAT_POLICIES = ("none", "block", "dots")
+# 'dots': jax's dots_with_no_batch_dims_saveable keeps the outputs of matmuls without batch dimensions, i.e. the
+# attention and MLP projections (a Dense contracts features only). The attention einsums (QK^T, probs @ V) batch
+# over (N, heads) and are recomputed: they are the (N, heads, L, L) tensors that dominate at long sequences, which
+# dots_saveable would keep too.
+_CHECKPOINT_POLICIES = {"block": None,   # jax.checkpoint's default: nothing saveable
+                        "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def remat(block_cls, policy_name: str, *, static_argnums: tuple[int, ...] = ()):
+  """``block_cls`` wrapped by ``nn.remat`` for ``config.model.remat`` ('block': only the block's inputs are kept
+  for the backward pass, 'dots': its matmul outputs too), or ``block_cls`` itself for 'none'.
+
+  ``static_argnums`` count ``self`` as flax's do (``__call__(self, x, train)``: ``train`` is 2). Python values the
+  block branches on (``train``) must be static and passed positionally: keyword arguments are traced. The wrapped
+  class keeps the ``name`` it is given, so parameter paths do not change; dropout draws the same masks. On CPU it
+  saves memory only under ``train_compiler_options()``: without them XLA drops remat's CSE barriers and merges the
+  recomputation back into the forward pass."""
+  if policy_name not in REMAT_POLICIES:
+    raise ValueError(f"config.model.remat: {policy_name!r} is not one of {REMAT_POLICIES}")
+  if policy_name == "none":
+    return block_cls
+  return nn.remat(block_cls, static_argnums=static_argnums, policy=_CHECKPOINT_POLICIES[policy_name])
+
+
 def batch_norm_factory(*, train: bool, momentum: float, epsilon: float, dtype: Any):
   """``name -> nn.BatchNorm`` with one family's settings: batch statistics in training, running averages
   otherwise; computation in ``dtype``, scale, bias and statistics in float32 (they land in ``batch_stats``)."""

@@ -20,7 +20,7 @@ import numpy as np
 from transfer.convert import ConversionError, KeyRow, apply_key_table
 from transfer.models import decoder_common as common
 from transfer.models.decoder_common import CausalLM
-from transfer.models.layers import gradient_barrier
+from transfer.models.layers import gradient_barrier, remat
 
 MODEL_TYPES = ('llama', 'qwen2', 'mistral')
 # HF's per-model_type defaults for fields a config.json may leave out (transformers' LlamaConfig, Qwen2Config,
@@ -242,7 +242,7 @@ class DecoderLayer(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, positions, allowed, layer_cache, index, *, train: bool):
+  def __call__(self, x, positions, allowed, layer_cache, index, train: bool):
     c = self.config
     x = gradient_barrier(x)   # the residual stream's gradient, materialised per block (layers.gradient_barrier)
     attn, layer_cache = Attention(c, self.dtype, name='self_attn')(
@@ -258,16 +258,19 @@ class LlamaModel(nn.Module):
 
   ``dtype`` is the compute dtype; params stay float32, attention scores/softmax are float32, RoPE angles too.
   Attention dropout (``attention_dropout``, the only dropout HF has here) only with ``train`` (rng 'dropout').
-  Parameter names follow HF's (embed_tokens, layers_i/self_attn/q_proj, ..., norm).
+  Parameter names follow HF's (embed_tokens, layers_i/self_attn/q_proj, ..., norm). ``remat``:
+  ``config.model.remat`` for the layers (``transfer.models.layers.remat``), with or without a cache.
   """
   config: LlamaConfig
   dtype: Any = jnp.float32
+  remat: str = 'none'
 
   def setup(self):
     c = self.config
     self.embed_tokens = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=jnp.float32,
                                  embedding_init=common.INIT)
-    self.layers = [DecoderLayer(c, self.dtype) for _ in range(c.num_hidden_layers)]
+    layer = remat(DecoderLayer, self.remat, static_argnums=(6,))   # train
+    self.layers = [layer(c, self.dtype) for _ in range(c.num_hidden_layers)]
     self.norm = RMSNorm(c.rms_norm_eps, self.dtype)
 
   def __call__(self, input_ids, attention_mask, *, positions=None, cache=None, train: bool = False):
@@ -282,7 +285,7 @@ class LlamaModel(nn.Module):
     x = self.embed_tokens(input_ids)
     layers = []
     for i, layer in enumerate(self.layers):
-      x, layer_cache = layer(x, positions, allowed, None if cache is None else cache['layers'][i], index, train=train)
+      x, layer_cache = layer(x, positions, allowed, None if cache is None else cache['layers'][i], index, train)
       layers.append(layer_cache)
     return self.norm(x), common.updated_cache(cache, key_mask, length, layers)
 
@@ -296,9 +299,9 @@ class LlamaModel(nn.Module):
                              head_dim=c.head_dim, dtype=self.dtype)
 
 
-def causal_lm(config: LlamaConfig, dtype=jnp.float32) -> CausalLM:
+def causal_lm(config: LlamaConfig, dtype=jnp.float32, remat: str = 'none') -> CausalLM:
   """The decoder with its LM head (tied or not, as the config says): params under ``backbone/`` and ``lm_head/``."""
-  return CausalLM(backbone=LlamaModel(config, dtype), tie_word_embeddings=config.tie_word_embeddings)
+  return CausalLM(backbone=LlamaModel(config, dtype, remat), tie_word_embeddings=config.tie_word_embeddings)
 
 
 def layer_regexes(backbone: LlamaModel) -> list:
@@ -390,7 +393,19 @@ def hf_key_table(config: LlamaConfig) -> list[KeyRow]:
 # ---------------------------------------------------------------------------------------------------------------
 # The family record (transfer/models/family.py).
 
+
+# Tensor parallelism (config.sharding_rules value 'tensor', transfer/sharding.py): q/k/v (query and key-value
+# heads) and the SwiGLU gate/up over their output units, o_proj and down_proj over their input units.
+TENSOR_PARALLEL = [
+    (r'backbone/layers_\d+/self_attn/(q|k|v)_proj/kernel', ('fsdp', 'tensor')),
+    (r'backbone/layers_\d+/self_attn/(q|k|v)_proj/bias', ('tensor',)),
+    (r'backbone/layers_\d+/self_attn/o_proj/kernel', ('tensor', 'fsdp')),
+    (r'backbone/layers_\d+/mlp/(gate|up)_proj/kernel', ('fsdp', 'tensor')),
+    (r'backbone/layers_\d+/mlp/down_proj/kernel', ('tensor', 'fsdp')),
+]
+
+
 FAMILY = common.decoder_family(
     'llama', config_cls=LlamaConfig, model_cls=LlamaModel, causal_lm=causal_lm,
     convert_hf_state_dict=convert_hf_state_dict, hf_key_table=hf_key_table, hf_architectures=HF_ARCHITECTURES,
-    layer_regexes=layer_regexes, model_types=MODEL_TYPES)
+    layer_regexes=layer_regexes, model_types=MODEL_TYPES, tensor_parallel=TENSOR_PARALLEL)

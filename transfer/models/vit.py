@@ -32,7 +32,7 @@ from transfer.models.family import (INCEPTION_NORMALIZATION, Family, classifier_
                                     refuse_override, timm_input_overlay, timm_state_dict, torch_conv_weight,
                                     torch_linear_weight)
 from transfer.models.keys import choose_layout, torch_conv_kernel, torch_linear_kernel
-from transfer.models.layers import gradient_barrier
+from transfer.models.layers import gradient_barrier, remat
 
 # name -> patch size, width, depth, heads, MLP width, native resolution (ViT paper sizes; DeiT's Ti; a test size).
 VARIANTS = {
@@ -85,7 +85,7 @@ class EncoderBlock(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, *, train: bool):
+  def __call__(self, x, train: bool):
     norm = lambda name: nn.LayerNorm(LAYERNORM_EPS, use_fast_variance=False, dtype=self.dtype,
                                      param_dtype=jnp.float32, name=name)
     drop = nn.Dropout(self.drop_path, broadcast_dims=(1, 2), deterministic=not train)
@@ -101,7 +101,8 @@ class ViT(nn.Module):
   """Backbone only: (N, H, W, 3) images in [-1, 1] -> (N, dim) features after the final LayerNorm.
 
   H and W should be multiples of ``patch`` (a remainder is cropped by the patch conv, as in timm). Block ``i`` of
-  ``n`` uses stochastic depth ``drop_path * i / (n - 1)`` (timm's linear rule).
+  ``n`` uses stochastic depth ``drop_path * i / (n - 1)`` (timm's linear rule). ``remat``: ``config.model.remat``
+  for the blocks (``layers.remat``).
   """
   patch: int
   dim: int
@@ -112,6 +113,7 @@ class ViT(nn.Module):
   pooling: str = 'cls'
   drop_path: float = 0.0
   dtype: Any = jnp.float32
+  remat: str = 'none'
 
   @nn.compact
   def __call__(self, x, *, train: bool):
@@ -128,16 +130,17 @@ class ViT(nn.Module):
       cls = self.param('cls', nn.initializers.zeros, (1, 1, self.dim), jnp.float32)
       x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (n, 1, self.dim)), x], axis=1)
     x = x + resample_posemb(posemb, self.posemb_grid, grid, prefix).astype(self.dtype)
+    block = remat(EncoderBlock, self.remat, static_argnums=(2,))   # train
     for i in range(self.depth):
-      x = EncoderBlock(self.heads, self.mlp_dim, drop_path=self.drop_path * i / max(self.depth - 1, 1),
-                       dtype=self.dtype, name=f'block_{i}')(x, train=train)
+      x = block(self.heads, self.mlp_dim, drop_path=self.drop_path * i / max(self.depth - 1, 1), dtype=self.dtype,
+                name=f'block_{i}')(x, train)
     x = nn.LayerNorm(LAYERNORM_EPS, use_fast_variance=False, dtype=self.dtype, param_dtype=jnp.float32,
                      name='encoder_norm')(x)
     return x[:, 0] if prefix else jnp.mean(x.astype(jnp.float32), axis=1).astype(self.dtype)
 
 
 def from_variant(name: str, *, pooling: str = 'cls', drop_path: float = 0.0, posemb_grid: int | None = None,
-                 dtype=jnp.float32) -> ViT:
+                 dtype=jnp.float32, remat: str = 'none') -> ViT:
   """The registry's ``name``; ``posemb_grid``: the side of the stored position-embedding table (default: the
   variant's native resolution / patch; a loaded checkpoint's own grid, so it is never resampled at load)."""
   v = VARIANTS[name]
@@ -145,7 +148,7 @@ def from_variant(name: str, *, pooling: str = 'cls', drop_path: float = 0.0, pos
   if grid < 1:
     raise ValueError(f"config.model.posemb_grid={posemb_grid}: must be a positive number of patches per side")
   return ViT(v['patch'], v['dim'], v['depth'], v['heads'], v['mlp_dim'], (grid, grid), pooling=pooling,
-             drop_path=drop_path, dtype=dtype)
+             drop_path=drop_path, dtype=dtype, remat=remat)
 
 
 def checkpoint_grid(flat: dict, *, source_name: str) -> int:
@@ -378,7 +381,7 @@ def build_backbone(cfg, dtype) -> ViT:
   refuse_override(cfg, 'width', f"a ViT's width comes from its name ({cfg.name}); 'vit-test8' is the small test size")
   refuse_override(cfg, 'depth', f"a ViT's depth comes from its name ({cfg.name})")
   return from_variant(cfg.name, pooling=cfg.get('pooling', 'cls'), drop_path=cfg.get('drop_path', 0.0),
-                      posemb_grid=cfg.get('posemb_grid'), dtype=dtype)
+                      posemb_grid=cfg.get('posemb_grid'), dtype=dtype, remat=cfg.get('remat', 'none'))
 
 
 def layer_regexes(backbone: ViT) -> list:
@@ -408,9 +411,21 @@ def convert(state, *, cfg, hf_config, source_name) -> dict:
   return flat
 
 
+# Tensor parallelism (config.sharding_rules value 'tensor', transfer/sharding.py): the heads of q/k/v (kernels
+# (D, heads, head_dim)) and the MLP's fc1 units split over 'tensor'; attn/out and fc2 over their input side.
+TENSOR_PARALLEL = [
+    (r'backbone/block_\d+/attn/(query|key|value)/kernel', ('fsdp', 'tensor', None)),
+    (r'backbone/block_\d+/attn/(query|key|value)/bias', ('tensor', None)),
+    (r'backbone/block_\d+/attn/out/kernel', ('tensor', None, 'fsdp')),
+    (r'backbone/block_\d+/mlp/fc1/kernel', ('fsdp', 'tensor')),
+    (r'backbone/block_\d+/mlp/fc1/bias', ('tensor',)),
+    (r'backbone/block_\d+/mlp/fc2/kernel', ('tensor', 'fsdp')),
+]
+
+
 FAMILY = Family(
     name='vit', inputs='image', variants=VARIANTS, backbone=build_backbone,
     convert=convert,
-    layer_regexes=layer_regexes, example_batch=image_example,
+    layer_regexes=layer_regexes, tensor_parallel=TENSOR_PARALLEL, example_batch=image_example,
     input_norm=INCEPTION_NORMALIZATION,   # [-1, 1], as Google's ViTs were trained (timm's augreg: mean = std = 0.5)
     fit_checkpoint=fit_checkpoint, to_timm=to_timm)
