@@ -189,43 +189,29 @@ def _checked(spec: P, shape: tuple, path: str, rule: int, mesh_axes: Mapping[str
 
 def state_shardings(state: Mapping[str, Any], mesh: Mesh, param_specs: Mapping[str, P]) -> dict:
   """A tree of NamedShardings matching ``state`` (the trainer's dict): ``trainable`` and ``frozen`` by their
-  paths' specs; in ``opt_state`` every array shaped like the parameter its tree path ends in (Adam's mu and nu
-  under ``.../mu/backbone/...``) follows that parameter; everything else replicated."""
+  paths' specs; in ``opt_state`` an array shaped like the parameter its tree path ends in (Adam's mu and nu under
+  ``.../mu/backbone/...``) follows that parameter; everything else replicated (counts, scalars, keys)."""
   replicated = NamedSharding(mesh, P())
+  shapes = {p: tuple(np.shape(v)) for key in ("trainable", "frozen")
+            for p, v in rules_lib.flatten(state.get(key) or {}).items()}
+
+  def follow(key_path, leaf) -> NamedSharding:
+    tail = []
+    for k in reversed(key_path):   # the trailing dict keys spell the parameter's path
+      if not isinstance(k, jax.tree_util.DictKey):
+        break
+      tail.append(str(k.key))
+    path = "/".join(reversed(tail))
+    same = path in param_specs and shapes.get(path) == tuple(np.shape(leaf))
+    return NamedSharding(mesh, param_specs[path]) if same else replicated
+
   out = {}
   for key, value in state.items():
-    if key in ("trainable", "frozen"):
-      out[key] = jax.tree_util.tree_map_with_path(
-          lambda kp, leaf: NamedSharding(mesh, param_specs[_dict_path(kp)]), value)
-    elif key == "opt_state":
-      out[key] = jax.tree_util.tree_map_with_path(
-          lambda kp, leaf: _follow_param(kp, leaf, mesh, param_specs), value)
+    if key in ("trainable", "frozen", "opt_state"):
+      out[key] = jax.tree_util.tree_map_with_path(follow, value)
     else:
       out[key] = jax.tree.map(lambda _: replicated, value)
   return out
-
-
-def _dict_path(key_path) -> str:
-  return "/".join(str(k.key) for k in key_path)
-
-
-def _follow_param(key_path, leaf, mesh: Mesh, param_specs: Mapping[str, P]) -> NamedSharding:
-  """The sharding of the parameter whose path the trailing dict keys of ``key_path`` spell, when the leaf has
-  room for it (a per-parameter moment); replicated otherwise (counts, scalars, factored statistics)."""
-  tail = []
-  for k in reversed(key_path):
-    if not isinstance(k, jax.tree_util.DictKey):
-      break
-    tail.append(str(k.key))
-  path = "/".join(reversed(tail))
-  spec = param_specs.get(path)
-  if spec is not None and len(spec) <= np.ndim(leaf):
-    try:
-      _checked(spec, tuple(np.shape(leaf)), path, -1, dict(mesh.shape))
-      return NamedSharding(mesh, spec)
-    except ValueError:
-      pass
-  return NamedSharding(mesh, P())
 
 
 def per_device_bytes(tree, shardings) -> int:
