@@ -46,12 +46,19 @@ def tiny_config(**overrides):
 
 
 def restore_checkpoint(workdir, step=None):
-  """The saved state as plain numpy (params, batch_stats, opt_state, step, rng)."""
+  """The saved state (params, batch_stats, opt_state, step, rng) on this process's first device, whatever mesh
+  the run saved it from (an FSDP-8 run's sharded arrays included)."""
+  import jax
   import orbax.checkpoint as ocp
   manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"))
   step = manager.latest_step() if step is None else step
-  return ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(workdir), "checkpoints", str(step),
-                                                         "default"))
+  path = os.path.join(os.path.abspath(workdir), "checkpoints", str(step), "default")
+  checkpointer = ocp.StandardCheckpointer()
+  meta = checkpointer.metadata(path)
+  tree = getattr(getattr(meta, "item_metadata", meta), "tree", getattr(meta, "item_metadata", meta))
+  here = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return checkpointer.restore(path, jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here),
+                                                 tree))
 
 
 def evaluate_saved_run(workdir):
