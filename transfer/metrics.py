@@ -8,6 +8,8 @@ from typing import Callable
 
 import numpy as np
 
+from transfer import tb_events
+
 
 def _ranks(x: np.ndarray) -> np.ndarray:
   """Ranks 0..n-1 with ties given their average rank (as Spearman's coefficient needs)."""
@@ -53,11 +55,7 @@ class MetricWriter:
           if os.path.exists(tmp):
             os.remove(tmp)
           raise OSError(e.errno, f"cannot rewrite {self.path} for the resumed run: {e.strerror}") from None
-    try:
-      from tensorboardX import SummaryWriter
-      self.tb = SummaryWriter(workdir, flush_secs=30)
-    except ImportError:  # TensorBoard files are a convenience; metrics.jsonl is the record
-      self.tb = None
+    self.tb = tb_events.EventWriter(workdir)   # TensorBoard's view; metrics.jsonl is the record
 
   def write(self, step: int, metrics: dict) -> None:
     row = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
@@ -67,13 +65,10 @@ class MetricWriter:
     except OSError as e:
       raise OSError(e.errno, f"cannot append step {int(step)} to {self.path}: {e.strerror}"
                     + (" (the disk is full)" if e.errno == errno.ENOSPC else "")) from None
-    if self.tb is not None:
-      for k, v in metrics.items():
-        self.tb.add_scalar(k, float(v), int(step))
+    self.tb.scalars(step, metrics)
 
   def close(self) -> None:
-    if self.tb is not None:
-      self.tb.close()
+    self.tb.close()
 
 
 def _ends_with_newline(path: str) -> bool:
