@@ -698,6 +698,10 @@ def _jax_case(workload, mode: str, size: int, args) -> dict:
       return state, metrics
 
   out["peak_rss_after_compile_mb"] = _peak_rss_mb()  # before any step has run: XLA compilation's share
+  cost = compiled.cost_analysis()   # XLA's count of the step's floating-point operations (matmuls, convolutions,
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost   # elementwise work), the numerator of MFU
+  if cost and cost.get("flops"):
+    out["flops_per_step"] = float(cost["flops"])
   try:  # XLA's own accounting: the step's preallocated temporaries and the size of the generated code
     mem = compiled.memory_analysis()
     out["xla_memory_mb"] = {k: getattr(mem, f"{k}_size_in_bytes") / 2**20
@@ -970,6 +974,49 @@ def environment(args) -> dict:
           "loadavg_start": os.getloadavg()}
 
 
+# FP32 floating-point operations per cycle per core, by the widest vector FMA the CPU reports: two 256-bit FMA
+# units (8 lanes x 2 FLOPs x 2) for AVX2, the same 32 for AVX-512, which most server cores issue at one 512-bit FMA
+# per cycle (16 lanes x 2) or, on AMD Zen 4, as two 256-bit halves. A stated, rough peak: pass --peak-gflops for
+# your machine's own figure.
+FLOPS_PER_CYCLE = (("avx512f", 32), ("avx2", 32), ("avx", 16), ("sse2", 8))
+
+
+def machine_peak(args) -> dict:
+  """The FP32 peak that MFU divides by: ``--peak-gflops``, or cores x clock x FLOPs per cycle from /proc/cpuinfo
+  (``FLOPS_PER_CYCLE``; the clock is the highest ``cpu MHz`` listed, a base clock where the kernel reports one)."""
+  if args.peak_gflops:
+    return {"peak_gflops": float(args.peak_gflops), "peak_source": "--peak-gflops"}
+  flags, mhz = set(), 0.0
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+          flags |= set(value.split())
+        elif key.strip() == "cpu MHz":
+          mhz = max(mhz, float(value))
+  except (OSError, ValueError):
+    return {"peak_gflops": None, "peak_source": "unknown (no /proc/cpuinfo): pass --peak-gflops"}
+  per_cycle = next((n for flag, n in FLOPS_PER_CYCLE if flag in flags), 4)
+  cores = args.threads
+  return {"peak_gflops": cores * mhz / 1e3 * per_cycle if mhz else None,
+          "peak_source": f"{cores} cores x {mhz / 1e3:.2f} GHz x {per_cycle} FP32 FLOPs/cycle (estimate)"}
+
+
+def add_utilisation(rows: list[dict], peak_gflops: float | None) -> None:
+  """Each row's achieved GFLOP/s (the JAX step's FLOPs, from XLA's cost analysis, times steps per second) and
+  model-FLOPs utilisation against ``peak_gflops``. A PyTorch row does the same model's work, so it is credited
+  with the JAX row's count for the same model, size and mode."""
+  flops = {(r["model"], r["size"], r["mode"]): r["flops_per_step"] for r in rows if r.get("flops_per_step")}
+  for r in rows:
+    per_step = flops.get((r["model"], r["size"], r["mode"]))
+    if "error" in r or not per_step or r["mode"] == "decode":
+      continue
+    r["gflops_per_sec"] = per_step * r["examples_per_sec"] / r["batch"] / 1e9
+    if peak_gflops:
+      r["mfu"] = r["gflops_per_sec"] / peak_gflops
+
+
 def case_batch(workload, mode: str, args) -> int:
   """``--batch`` (default: the workload's, 32 unless it says), or ``--decode-batch`` for generation."""
   if mode == "decode":
@@ -1082,15 +1129,15 @@ def check_same_weights(rows: list[dict]) -> list[str]:
 
 
 def table(rows: list[dict]) -> str:
-  head = ("| model | size | mode | framework | examples/s | compile s (JAX) / first step s (PyTorch) | peak RSS MB "
-          "| JAX/PyTorch |\n|---|---|---|---|---|---|---|---|")
+  head = ("| model | size | mode | framework | examples/s | GFLOP/s (MFU) | compile s (JAX) / first step s (PyTorch) "
+          "| peak RSS MB | JAX/PyTorch |\n|---|---|---|---|---|---|---|---|---|")
   lines = []
   for r in rows:
     workload = WORKLOADS[r["model"]]
     size = f"{r['size']}+{r['new_tokens']}" if "new_tokens" in r else r["size"]   # decode: prompt + new tokens
     start = f"| {r['model']} | {size} {workload.size_unit} | {r['mode']} | {workload.frameworks[r['framework']]}"
     if "error" in r:
-      lines.append(f"{start} | error | - | - | - |")
+      lines.append(f"{start} | error | - | - | - | - |")
       continue
     first = r["compile_s"] if r["framework"] == "jax" else r["first_step_s"]
     ratio = "-"
@@ -1101,8 +1148,10 @@ def table(rows: list[dict]) -> str:
     noisy = " *" if r.get("busy_cores_before", 0.0) > BUSY_WARN else ""
     tokens = (f" ({r['tokens_per_sec']:.0f} {'new ' * (r['mode'] == 'decode')}tok/s)" if "tokens_per_sec" in r
               else "")   # decoders: input tokens per second in training, generated ones in decode
-    lines.append(f"{start} | {r['examples_per_sec']:.1f}{tokens}{noisy} | {first:.2f} | {r['peak_rss_mb']:.0f} | "
-                 f"{ratio} |")
+    util = "-" if "gflops_per_sec" not in r else f"{r['gflops_per_sec']:.1f}" + (
+        f" ({100 * r['mfu']:.1f}%)" if "mfu" in r else "")
+    lines.append(f"{start} | {r['examples_per_sec']:.1f}{tokens}{noisy} | {util} | {first:.2f} | "
+                 f"{r['peak_rss_mb']:.0f} | {ratio} |")
   return "\n".join([head] + lines)
 
 
@@ -1128,6 +1177,8 @@ def run_parent(args) -> int:
                   f"{row['examples_per_sec']:.1f} examples/s{tokens}, peak RSS {row['peak_rss_mb']:.0f} MB")
         print(f"  {name} {size:>4} {mode:<9} {label:<24} {status}  [{time.time() - t0:.0f} s]", flush=True)
   add_ratios(rows)
+  env.update(machine_peak(args))
+  add_utilisation(rows, env["peak_gflops"])
   compare_generations(rows)
   start_problems = check_start_losses(rows) + check_decoder_start_losses(rows) + check_same_weights(rows)
   env["wall_seconds"] = time.time() - t0
@@ -1136,8 +1187,8 @@ def run_parent(args) -> int:
   print()
   print(text)
   print(f"\n{args.threads} threads ({env['cpu_model']}), batch {args.batch or 'per workload'}, {args.steps} timed "
-        f"steps; JAX/PyTorch = examples/s ratio (against the faster PyTorch variant); total "
-        f"{env['wall_seconds']:.0f} s")
+        f"steps; JAX/PyTorch = examples/s ratio (against the faster PyTorch variant); MFU against a peak of "
+        f"{env['peak_gflops'] or 0:.0f} GFLOP/s ({env['peak_source']}); total {env['wall_seconds']:.0f} s")
   noisy = [r for r in rows if r.get("busy_cores_before", 0.0) > BUSY_WARN]
   if noisy:
     print(f"* {len(noisy)} case(s) started while other processes used > {BUSY_WARN} cores: rerun on an idle "
@@ -1172,6 +1223,8 @@ def main(argv=None) -> int:
   parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                       help="CPU cores for both frameworks (default: all this process may use)")
   parser.add_argument("--out", default="runs/bench_train_step.json")
+  parser.add_argument("--peak-gflops", type=float,
+                      help="the machine's FP32 peak for MFU (default: estimated from /proc/cpuinfo; see machine_peak)")
   parser.add_argument("--quick", action="store_true",
                       help=f"smoke run: {QUICK_STEPS} timed steps unless --steps, each workload's smallest size unless --sizes")
   parser.add_argument("--dropout-rng-impl", default="rbg", choices=("rbg", "threefry"),

@@ -15,20 +15,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # session, so nothing compiled by another version is ever read.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="transfer-tests-xla-cache-"))
 
-# XLA's CPU code generation is most of the suite's time: each test compiles its small programs once, and a train
-# step of the tiny 7-block EfficientNet is ~900 fused kernels, each made by LLVM. The tests compile them with
-# LLVM's optimisation level 0 and XLA's classic fusion emitters: the same HLO fusion decisions (structural tests on
-# compiled HLO see the same program), a grad compile 5x faster, kernels slower (tests run few steps). Only the
-# generated machine code differs, so a test comparing two of our runs compares like with like, and parity tests
-# keep their float32 tolerances. TRANSFER_TEST_XLA_FLAGS='' tests with XLA's defaults, as users run.
-TEST_XLA_FLAGS = os.environ.get("TRANSFER_TEST_XLA_FLAGS",
-                                "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false")
-os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
-
 
 def devices_env(n):
-  """Environment entries for a launched process that simulates ``n`` CPU devices (with the tests' XLA flags)."""
-  return {"XLA_FLAGS": f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count={n}"}
+  """Environment entries for a launched process that simulates ``n`` CPU devices (any XLA_FLAGS of the session
+  kept)."""
+  return {"XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}".strip()}
 
 
 def shared_data(name):

@@ -12,6 +12,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 # model: (classes, its PyTorch reference's packages, --sizes: each workload's smallest quick size). The heavy
@@ -53,6 +55,16 @@ def test_bench_writes_every_row_from_the_same_start(tmp_path, model):
     assert r["examples_per_sec"] > 0 and r["peak_rss_mb"] > 0, r
   jax_rows = [r for r in rows if r["framework"] == "jax"]
   assert all(r["ratio_jax_over_pytorch"] > 0 for r in jax_rows)
+  # Utilisation: the JAX step's FLOPs from XLA's cost analysis (a training step does more work than inference),
+  # every row's achieved GFLOP/s from them, and MFU against the stated peak.
+  flops = {r["mode"]: r["flops_per_step"] for r in jax_rows}
+  assert flops["full"] > flops["inference"] > 0, flops
+  peak = result["environment"]["peak_gflops"]
+  assert peak > 0 and result["environment"]["peak_source"], result["environment"]
+  for r in rows:
+    expected = flops[r["mode"]] * r["examples_per_sec"] / r["batch"] / 1e9
+    assert r["gflops_per_sec"] == pytest.approx(expected, rel=1e-9) and r["mfu"] == pytest.approx(
+        expected / peak, rel=1e-9), r
   # Both sides train the same model from the same start: the zero head gives loss ln(classes) at the first step,
   # and the same number of trainable parameters.
   for mode in ("full", "frozen"):

@@ -244,3 +244,46 @@ print(json.dumps(out))
   assert fsdp["state_bytes"] <= rep["state_bytes"] / 8 * 1.15 + 4096, plans
   assert fsdp["arguments"] <= rep["arguments"] / 8 * 1.15 + 4096, plans
   assert rep["arguments"] >= rep["state_bytes"]   # the compiler's figure holds at least the state
+
+
+def test_initial_state_is_made_on_its_shards(lm_folder):
+  """train.place_state puts each parameter straight onto its FSDP-8 shards and makes Adam's moments on the devices
+  (a jit with the state's shardings as outputs, never a whole copy on one device): device 0 holds about an eighth
+  of the parameters and of the optimizer state, and the moments equal the optimizer's own eager init."""
+  folder, text = lm_folder
+  script = f"""
+import json, types
+import jax, numpy as np
+from transfer import models, plan, rules, sharding, train
+from tests.tiny_lm_config import get_config
+c = get_config("model={folder},text={text},sharding=fsdp")
+c.mesh.data, c.mesh.fsdp, c.optimizer.name = 1, 8, "adamw"
+task = plan.task_of(c)
+model, params, stats, rng = train.init_variables(c, None, models.example_batch(c.model.name),
+    build=lambda cfg: task.build_model(cfg, types.SimpleNamespace(num_outputs=2)))
+specs, bt, schedule, tx, state = train.init_optimization(c, model, params, stats, rng, total_steps=10,
+                                                         steps_per_epoch=10, abstract_opt_state=True)
+assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(state["opt_state"]))
+mesh = sharding.make_mesh(c.mesh)
+_, _, state_sharding, _ = train.sharded_steps(c, model, task, mesh, state, tx, schedule, backbone_train=bt)
+placed = train.place_state(state, state_sharding, tx)
+dev0 = jax.devices()[0]
+on_dev0 = lambda tree: sum(s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards
+                           if s.device == dev0)
+total = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))
+eager = tx.init(jax.tree.map(np.asarray, state["trainable"]))
+same = all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(jax.tree.leaves(placed["opt_state"]),
+                                                                          jax.tree.leaves(eager)))
+print(json.dumps(dict(opt_total=total(placed["opt_state"]), opt_dev0=on_dev0(placed["opt_state"]),
+                      params_total=total(placed["trainable"]), params_dev0=on_dev0(placed["trainable"]),
+                      same=same, leaves=len(jax.tree.leaves(placed["opt_state"])))))
+"""
+  env = {**os.environ, "PYTHONPATH": ROOT, **devices_env(8)}
+  done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  got = json.loads(done.stdout.strip().splitlines()[-1])
+  assert got["same"] and got["params_total"] > 200_000, got
+  # An eighth, with a stated slack: 15% plus 4 KB for the replicated scalars (Adam's step count) and small vectors.
+  for part in ("opt", "params"):
+    assert got[f"{part}_dev0"] <= got[f"{part}_total"] / 8 * 1.15 + 4096, got

@@ -136,6 +136,7 @@ def base() -> ml_collections.ConfigDict:
   c.optimizer.nesterov = False           # sgd only
   c.optimizer.weight_decay = 0.0         # times each rule's wd_mult
   c.optimizer.grad_clip_norm = 1.0       # global-norm clipping; 0 turns it off
+  c.optimizer.mu_dtype = "float32"       # Adam's first moment (SGD's momentum): 'bfloat16' halves its memory
 
   # The one rule list (first full-path match wins) for lr_mult, wd_mult, freeze, load and LoRA adapters
   # (lora=dict(rank, alpha, dropout, rslora) on Dense/conv kernels; transfer/models/lora.py); see transfer.optim.

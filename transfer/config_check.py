@@ -357,6 +357,7 @@ def validate(config) -> None:
   check.boolean("optimizer.nesterov")
   check.number("optimizer.weight_decay", 0)
   check.number("optimizer.grad_clip_norm", 0, hint="0: no clipping")
+  check.choice("optimizer.mu_dtype", ("float32", "bfloat16"))
   _check_param_rules(config, check.errors)
   check.number("layer_decay", 0, 1, hint="0: off; e.g. 0.8")
 

@@ -12,6 +12,7 @@ import dataclasses
 import math
 from typing import Any, Callable, Mapping
 
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -172,10 +173,12 @@ def make_schedule(cfg, total_steps: int, steps_per_epoch: int) -> optax.Schedule
 # ----------------------------------------------------------------------------------------------------------------
 def _base(cfg) -> tuple[optax.GradientTransformation, bool]:
   """The moment-keeping part of the update, and whether weight decay goes before it (L2) or after (decoupled)."""
+  mu_dtype = jnp.dtype(cfg.get("mu_dtype", "float32"))   # Adam's second moment stays float32: it squares
   if cfg.name == "sgd":
-    return (optax.trace(decay=cfg.momentum, nesterov=cfg.nesterov) if cfg.momentum else optax.identity()), True
+    return (optax.trace(decay=cfg.momentum, nesterov=cfg.nesterov, accumulator_dtype=mu_dtype) if cfg.momentum
+            else optax.identity()), True
   if cfg.name == "adamw":
-    return optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps), False
+    return optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, mu_dtype=mu_dtype), False
   raise ValueError(f"config.optimizer.name: {cfg.name!r} is not one of ['adamw', 'sgd']")
 
 

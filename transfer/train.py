@@ -101,8 +101,11 @@ def init_variables(config: ml_collections.ConfigDict, num_outputs: int | None, e
 
 
 def init_optimization(config: ml_collections.ConfigDict, model, params: dict, batch_stats, rng, *,
-                      total_steps: int, steps_per_epoch: int):
-  """(specs, backbone_train, schedule, tx, state): the rules' decisions, the partitioned optimizer, the start."""
+                      total_steps: int, steps_per_epoch: int, abstract_opt_state: bool = False):
+  """(specs, backbone_train, schedule, tx, state): the rules' decisions, the partitioned optimizer, the start.
+
+  ``abstract_opt_state``: the optimizer state as shapes only (``jax.eval_shape``), for ``place_state`` to make
+  on the mesh; otherwise it is made here, on the default device."""
   specs = optim.param_specs(config.param_rules, list(params), layer_decay=config.get("layer_decay", 0.0),
                             layer_regexes=models.layer_regexes(model))
   trainable, frozen = optim.split_trainable(params, specs)
@@ -113,7 +116,8 @@ def init_optimization(config: ml_collections.ConfigDict, model, params: dict, ba
   tx = optim.make_optimizer(config.optimizer, specs, schedule, rules.unflatten)
   trainable, frozen = rules.unflatten(trainable), rules.unflatten(frozen)
   state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "frozen": frozen,
-           "batch_stats": batch_stats, "opt_state": tx.init(trainable), "rng": rng,
+           "batch_stats": batch_stats, "rng": rng,
+           "opt_state": jax.eval_shape(tx.init, trainable) if abstract_opt_state else tx.init(trainable),
            "nonfinite_step": jnp.zeros((), jnp.int32)}   # see make_steps: the non-finite guard
   return specs, bool(backbone_train), schedule, tx, state
 
@@ -254,6 +258,17 @@ def sharded_steps(config: ml_collections.ConfigDict, model, task: tasks.Task, me
                          donate_argnums=0, compiler_options=layers.train_compiler_options())
   p_eval_step = jax.jit(eval_step, in_shardings=(state_sharding, batch), out_shardings=replicated)
   return p_train_step, p_eval_step, state_sharding, shard_specs
+
+
+def place_state(state: dict, state_sharding: dict, tx: optax.GradientTransformation) -> dict:
+  """The initial state on the mesh: host arrays go straight to their shards, and the optimizer state (shapes only,
+  see ``init_optimization``) is made on the devices by a jit with its shardings as outputs, so no device ever
+  holds a whole copy of a state that the rules split."""
+  trainable = jax.device_put(state["trainable"], state_sharding["trainable"])
+  opt_state = jax.jit(tx.init, out_shardings=state_sharding["opt_state"])(trainable)
+  rest = {k: v for k, v in state.items() if k not in ("trainable", "opt_state")}
+  return {**jax.device_put(rest, {k: state_sharding[k] for k in rest}), "trainable": trainable,
+          "opt_state": opt_state}
 
 
 # ================================================================================================================
@@ -438,7 +453,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # The partitioned optimizer and the initial train state.
   # ==============================================================================================================
   specs, backbone_train, schedule, tx, state = init_optimization(config, model, params, batch_stats, dropout_rng,
-                                                           total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+                                                                 total_steps=total_steps,
+                                                                 steps_per_epoch=steps_per_epoch,
+                                                                 abstract_opt_state=True)
   stats_paths = list(rules.flatten(state["batch_stats"]))
   frozen_stats = optim.frozen_batch_stats(specs, stats_paths) if backbone_train else frozenset()
   mode_note = f"; backbone in {'training' if backbone_train else 'inference'} mode"
@@ -479,7 +496,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # ==============================================================================================================
   # Restore the last checkpoint, or start.
   # ==============================================================================================================
-  state = jax.device_put(state, state_sharding)
+  state = place_state(state, state_sharding, tx)
   ckpt_cfg = config.checkpoint
   best_metric, best_mode = ckpt_cfg.get("best_metric"), ckpt_cfg.get("best_mode", "auto")
   best_metric = task.best_metric if best_metric == "auto" else best_metric
@@ -569,7 +586,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       "trainable_params": optim.count(rules.flatten(state["trainable"])),
       "frozen_params": optim.count(rules.flatten(state["frozen"])) + cached_backbone_params,
       "feature_cache": bool(cached_backbone_params),
-      "optimizer_state_bytes": sum(int(np.asarray(x).nbytes) for x in jax.tree.leaves(state["opt_state"])),
+      "optimizer_state_bytes": sum(int(x.nbytes) for x in jax.tree.leaves(state["opt_state"])),
       "checkpoint_bytes": _directory_bytes(os.path.join(workdir, "checkpoints", str(total_steps))),
       "peak_host_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,   # Linux: KiB
       "devices": n_dev,
