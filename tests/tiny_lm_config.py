@@ -5,7 +5,8 @@ simulated devices under several meshes):
 
 ARGS: ``model``, a Hugging Face decoder folder (tests build one with ``test_decoder_transfer.decoder_folder``);
 ``text``, a plain-text file of paragraphs; ``steps``; ``family`` (gpt2 or llama, as the folder);
-``sharding``, the value of the one sharding rule ('fsdp', 'tensor' or 'replicate').
+``sharding``, the value of the one sharding rule ('fsdp', 'tensor' or 'replicate'); ``lora=1``, rank-4 adapters
+on the attention and MLP input projections with the rest frozen; ``accum``, micro-batches per step.
 """
 import os
 import sys
@@ -15,7 +16,8 @@ from transfer import config_base  # noqa: E402
 
 
 def get_config(arg=""):
-  args = config_base.config_args(arg, model=None, text=None, steps=6, family="gpt2", sharding="fsdp")
+  args = config_base.config_args(arg, model=None, text=None, steps=6, family="gpt2", sharding="fsdp", lora=0,
+                                 accum=1)
   if not args["model"] or not args["text"]:
     raise ValueError("tests/tiny_lm_config.py: ARGS model=FOLDER,text=FILE are required")
   c = config_base.base()
@@ -27,4 +29,8 @@ def get_config(arg=""):
   c.optimizer.name, c.schedule.lr, c.schedule.warmup_steps = "sgd", 0.05, 0
   c.checkpoint.every_steps = 2
   c.sharding_rules = [(".*", args["sharding"])]
+  c.grad_accum_steps = args["accum"]
+  if args["lora"]:
+    c.param_rules = [("backbone/.*(c_attn|c_fc)/kernel", dict(lora=dict(rank=4, alpha=8))),
+                     (".*", dict(freeze=True))]
   return c

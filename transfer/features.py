@@ -15,6 +15,7 @@ import os
 from typing import Callable
 
 import jax
+from jax.sharding import NamedSharding, PartitionSpec
 import numpy as np
 from tqdm import tqdm
 
@@ -86,7 +87,11 @@ def extract_or_reuse(config, workdir: str, params: dict, batch_stats, splits: di
   backbone = {p: v for p, v in params.items() if p.startswith("backbone/")}
   variables = {"params": rules.unflatten(backbone), "batch_stats": batch_stats}
   feature_model = models.build(config.model, None)   # the classifier without its head: pooled features
-  apply_fn = jax.jit(lambda batch: feature_model.apply(variables, batch, train=False))
+  # The weights are an argument (not constants baked into the program, which XLA would fold and copy), placed
+  # once on every device of the batch's mesh; the batch is split over all of them.
+  forward = jax.jit(lambda v, batch: feature_model.apply(v, batch, train=False))
+  placed = jax.device_put(variables, None if sharding is None else NamedSharding(sharding.mesh, PartitionSpec()))
+  apply_fn = lambda batch: forward(placed, batch)
   weights = digest({**backbone, **{f"batch_stats/{k}": v for k, v in rules.flatten(batch_stats or {}).items()}})
   directory = config.get("feature_cache_dir") or os.path.join(workdir, "features")
   out = {}

@@ -32,9 +32,8 @@ import ml_collections
 import numpy as np
 import optax
 import scipy.linalg
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from transfer import config_base, data, models, pretrained, train
+from transfer import config_base, data, models, pretrained, sharding, train
 from transfer import features as features_lib
 from transfer import hyper_rule
 
@@ -334,16 +333,17 @@ def settle_resolution(config: ml_collections.ConfigDict) -> None:
 
 def features_for(config: ml_collections.ConfigDict, workdir: str, batch_size: int):
   """(train, eval) datasets and their backbone features from the trainer's cache, and whether each was reused."""
-  if batch_size % jax.device_count():
-    raise ValueError(f"--batch-size {batch_size} must be divisible by the {jax.device_count()} devices")
+  mesh = sharding.make_mesh(config.mesh)   # the trainer's mesh: the batch split over its data and fsdp axes
+  if batch_size % sharding.batch_ways(mesh):
+    raise ValueError(f"--batch-size {batch_size} must be divisible by the {sharding.batch_ways(mesh)} ways the batch "
+                     f"is split (config.mesh: {sharding.describe(mesh)})")
   settle_resolution(config)   # as the trainer does, before the data config becomes part of the cache key
   train_ds, eval_ds = data.build(config.data, config.model)
   if train_ds.regression:
     raise ValueError(f"config.data: {train_ds.name} is a regression task; the probe measures class accuracy")
   _, params, batch_stats, _ = train.init_variables(config, train_ds.num_outputs, train_ds.train_batch(0, 1, 0))
-  sharded = NamedSharding(Mesh(np.array(jax.devices()), ("data",)), P("data"))
   feats = features_lib.extract_or_reuse(config, workdir, params, batch_stats, {"train": train_ds, "eval": eval_ds},
-                                        sharded, batch_size)
+                                        sharding.batch_sharding(mesh), batch_size)
   return train_ds, eval_ds, feats
 
 
