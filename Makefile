@@ -28,10 +28,10 @@ test: $(VENV)/.test
 bench: $(VENV)/.test
 	$(PY) experiments/bench_train_step.py --model all --out runs/bench_train_step.json
 
-# The benchmark script end to end for all five workloads at tiny sizes (rows and same-start checks, not speed);
-# `make test` runs this check for the cheapest workload only.
+# The benchmark script end to end for all five workloads and both tiny decoders (rows and same-start checks, not
+# speed); `make test` runs this check for the cheapest workload and GPT-2 only.
 bench-smoke: $(VENV)/.test
-	$(PY) -m pytest -q -ra --durations=10 tests/test_bench.py --bench-all
+	$(PY) -m pytest -q -ra --durations=10 tests/test_bench.py tests/test_bench_decoder.py --bench-all
 
 clean:
 	rm -rf $(VENV) runs

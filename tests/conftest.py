@@ -110,8 +110,8 @@ def run_cli(args, env_extra=None, timeout=600):
 
 def pytest_addoption(parser):
   parser.addoption("--bench-all", action="store_true",
-                   help="tests/test_bench.py: the benchmark's end-to-end check for all five workloads (make "
-                        "bench-smoke), not only the cheapest")
+                   help="tests/test_bench.py and test_bench_decoder.py: the benchmark's end-to-end check for all "
+                        "five workloads and both tiny decoders (make bench-smoke), not only the cheapest of each")
 
 
 @pytest.fixture

@@ -3,9 +3,10 @@ shapes): every row written, both frameworks training and generating from the sam
 assertions: benchmarks measure).
 
 Budget: each case is a fresh subprocess that imports its framework and compiles (a JAX case also spawns the torch
-process that writes the shared checkpoint), 10-25 s each on 2 busy cores. So the tiny shapes run one train mode
-each plus decode (8 cases), the two models' runs side by side; the full-size workloads are only built as shapes
-(PyTorch on the meta device, JAX with ``jax.eval_shape``), never timed here.
+process that writes the shared checkpoint), 10-25 s each on 2 busy cores. So a tiny shape runs one train mode plus
+decode (4 cases): `make test` runs GPT-2's (LoRA), `make bench-smoke` (``--bench-all``) Llama's (full) too, the two
+side by side; the full-size workloads are only built as shapes (PyTorch on the meta device, JAX with
+``jax.eval_shape``), never timed here.
 """
 import importlib.util
 import json
@@ -21,6 +22,7 @@ from conftest import ROOT
 
 LOSS_TOL = 1e-3    # |JAX - PyTorch| first loss: same weights, same batch, no dropout (float32 differences ~1e-6)
 TINY_RUNS = {"gpt2-tiny": "lora", "llama-tiny": "full"}   # model: its train mode (each also runs decode)
+UNIT_SUITE_RUNS = ("gpt2-tiny",)   # make test; --bench-all: every TINY_RUNS model
 TRAIN_LENGTH, BATCH, PROMPT, NEW_TOKENS, DECODE_BATCH = 32, 2, 8, 8, 2
 
 
@@ -32,10 +34,12 @@ def _bench():
   return bench
 
 
-def test_tiny_decoder_rows_train_and_generate_from_the_same_start(tmp_path):
+def test_tiny_decoder_rows_train_and_generate_from_the_same_start(tmp_path, request):
   bench = _bench()
+  runs = {m: mode for m, mode in TINY_RUNS.items()
+          if request.config.getoption("bench_all") or m in UNIT_SUITE_RUNS}
   procs = {}
-  for model, mode in TINY_RUNS.items():   # both runs at once: they only check rows, not speed
+  for model, mode in runs.items():   # side by side: they only check rows, not speed
     out = tmp_path / f"{model}.json"
     cmd = [sys.executable, "experiments/bench_train_step.py", "--model", model, "--modes", f"{mode},decode",
            "--sizes", str(TRAIN_LENGTH), "--batch", str(BATCH), "--warmup", "1", "--steps", "1",
@@ -43,7 +47,7 @@ def test_tiny_decoder_rows_train_and_generate_from_the_same_start(tmp_path):
            "--decode-calls", "1", "--out", str(out)]
     procs[model] = (subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True), out)
-  for model, mode in TINY_RUNS.items():
+  for model, mode in runs.items():
     proc, out = procs[model]
     stdout, stderr = proc.communicate(timeout=900)
     assert proc.returncode == 0, stderr[-3000:] + stdout[-3000:]

@@ -26,7 +26,8 @@ from conftest import ROOT, restore_checkpoint, run_cli
 from transfer import checkpoint as checkpoint_lib
 from transfer import metrics as metrics_lib
 
-TINY = ["--config", "tests/tiny_config.py", "--config.checkpoint.every_steps=3"]
+# The test ViT: these tests are about checkpoints, locks and faults, not the network (tests/tiny_config.py).
+TINY = ["--config", "tests/tiny_config.py:vit", "--config.checkpoint.every_steps=3"]
 
 
 def _leaves(tree):
@@ -303,7 +304,8 @@ def test_second_launch_on_a_busy_workdir_fails_and_a_stale_lock_is_taken_over(tm
                            env=env, stdout=log, stderr=subprocess.STDOUT)
   try:
     deadline = time.time() + 600
-    while not os.path.isdir(os.path.join(workdir, "checkpoints", "3")):   # the first run is in its loop
+    # The first run is in its loop once a checkpoint exists (which one: older ones are pruned as it goes).
+    while not (os.path.isdir(os.path.join(workdir, "checkpoints")) and _steps(workdir)):
       assert first.poll() is None and time.time() < deadline, open(tmp_path / "first.log").read()[-3000:]
       time.sleep(0.5)
     second = run_cli(args + ["--config.total_steps=100000"])

@@ -108,13 +108,14 @@ def test_evaluating_on_the_training_file_is_warned_not_refused(tmp_path, capsys)
 
 @pytest.mark.skipif(SST2 is None, reason="../shared/data/sst2 not on this machine (the synthetic test above runs)")
 def test_minilm_sst2_slice_beats_chance(tmp_path):
-  """A short version of configs/minilm_sst2.py: 640 training sentences, one pass; dev accuracy above chance."""
+  """A short version of configs/minilm_sst2.py: 320 training sentences at 32 tokens, one pass (10 steps); dev
+  accuracy above chance. Measured 0.737 (40 s on an idle 2-core machine; 640 sentences at 48 tokens took 87 s)."""
   from configs import minilm_sst2
   config = minilm_sst2.get_config(f"data={SST2}")
-  config.data.train_examples, config.data.max_length, config.total_epochs = 640, 48, 1.0
+  config.data.train_examples, config.data.max_length, config.total_epochs = 320, 32, 1.0
   config.eval_every, config.checkpoint.every_steps = 0, 0
   results = train.train(config, str(tmp_path))
-  assert results["eval/accuracy"] > 0.6, results   # dev is 444/872 = 0.51 positive
+  assert results["eval/accuracy"] > 0.65, results   # dev is 444/872 = 0.51 positive
 
 
 def test_load_pretrained_minilm_gives_features():
