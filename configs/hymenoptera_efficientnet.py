@@ -58,6 +58,6 @@ def get_config(arg: str = "mode=finetune") -> ml_collections.ConfigDict:
   if mode == "lora":   # rank-8 adapters on every 1x1 convolution (expansions and projections), the rest frozen
     c.param_rules = [c.param_rules[0], ("backbone/.*(expand|project)_conv/kernel", dict(lora=dict(rank=8, alpha=16))),
                      (".*", dict(freeze=True))]
-  c.eval_every = 100               # validation accuracy through training, in metrics.jsonl
+  c.eval_every = 100               # the eval split's accuracy through training (a curve; nothing is chosen on it)
   c.checkpoint.every_steps = 0     # only the final checkpoint
   return c

@@ -67,9 +67,10 @@ def restore_checkpoint(workdir, step=None):
                                                  tree))
 
 
-def evaluate_saved_run(workdir):
+def evaluate_saved_run(workdir, step=None):
   """A finished classification run's evaluation redone without the trainer: the model its config.json describes,
-  with its final checkpoint's variables, on every eval example once (padding rows dropped), in numpy.
+  with checkpoint ``step``'s variables (default: the last), on every eval example once (padding rows dropped), in
+  numpy.
 
   Returns ``{"eval/accuracy", "eval/loss", "examples"}``, to compare with what the trainer reported (the tiny
   runs learn little in a few steps, so equality with this recomputation is what their accuracy can be held to)."""
@@ -85,7 +86,7 @@ def evaluate_saved_run(workdir):
     config = ml_collections.ConfigDict(json.load(f))
   _, eval_ds = data_lib.build(config.data, config.model)
   model = models.build(config.model, eval_ds.num_outputs)
-  saved = restore_checkpoint(workdir)
+  saved = restore_checkpoint(workdir, step)
   params = rules.unflatten({**rules.flatten(saved.get("frozen") or {}), **rules.flatten(saved["trainable"])})
   apply = jax.jit(lambda batch: model.apply({"params": params, "batch_stats": saved.get("batch_stats", {})}, batch,
                                             train=False))

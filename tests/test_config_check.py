@@ -220,6 +220,13 @@ def test_validate_accepts_every_shipped_config():
     ("mixup", -0.1, "config.mixup=-0.1: expected 'auto' or a number >= 0"),
     ("data.resolution", "large", "config.data.resolution='large': expected 'auto' or an integer >= 1"),
     ("data.test_fraction", 1.0, "config.data.test_fraction=1.0: expected a number in (0, 1)"),
+    ("data.val_fraction", 1.0, "config.data.val_fraction=1.0: expected a number in [0, 1)"),
+    # model selection on the reported split, or on a validation split that does not exist
+    ("checkpoint.best_metric", "eval/accuracy", "config.checkpoint.best_metric='eval/accuracy' would choose the "
+     "checkpoint on the eval split, which is then reported: set config.data.val_fraction (e.g. 0.1) and use "
+     "'val/accuracy'"),
+    ("checkpoint.best_metric", "val/loss", "config.checkpoint.best_metric='val/loss' needs a validation split: set "
+     "config.data.val_fraction"),
     ("data.max_length", 1, "config.data.max_length=1: expected an integer >= 2"),
     ("data.split_seed", -3, "config.data.split_seed=-3: expected an integer in [0, 4294967295]"),
     ("layer_decay", 1.5, "config.layer_decay=1.5: expected a number in [0, 1]"),

@@ -53,12 +53,13 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def workdir(folder, tmp_path_factory):
-  """A causal-LM run of 2 steps from ``folder`` on the corpus as plain text: checkpoints and eval at both steps."""
+  """A causal-LM run of 2 steps from ``folder`` on the corpus as plain text: checkpoints and validation at both
+  steps."""
   base = tmp_path_factory.mktemp("run")
   (base / "train.txt").write_text("\n\n".join(CORPUS) + "\n")
   c = config_base.base()
   c.model.name, c.model.pretrained, c.model.dropout = "gpt2", folder, 0.0
-  c.data.name, c.data.max_length, c.data.test_fraction = "lm_text", 16, 0.25
+  c.data.name, c.data.max_length, c.data.test_fraction, c.data.val_fraction = "lm_text", 16, 0.25, 0.25
   c.data.train_file = str(base / "train.txt")
   c.batch_size, c.eval_batch_size, c.total_steps, c.log_every, c.eval_every = 4, 8, 2, 1, 1
   c.schedule.lr, c.schedule.warmup_steps = 1e-2, 0
@@ -159,15 +160,15 @@ def _rewrite_metrics(path, losses):
   with open(path, "w") as f:
     for row in rows:
       if row["step"] in losses:
-        row["eval/loss"] = losses[row["step"]]
+        row["val/loss"] = losses[row["step"]]
       f.write(json.dumps(row) + "\n")
 
 
 def test_checkpoint_choice(workdir, tmp_path):
-  """'last' is the newest step, 'best' the saved step with the lowest eval/loss in metrics.jsonl (the causal-LM
-  task's best metric), a number that step; the params are that checkpoint's, trainable and frozen merged, and a
+  """'last' is the newest step, 'best' the saved step with the lowest val/loss in metrics.jsonl (the causal-LM
+  task's best metric, on the validation split), a number that step; the params are that checkpoint's, trainable and frozen merged, and a
   checkpoint whose arrays do not match the trainer's digests is refused."""
-  losses = {row["step"]: row["eval/loss"] for row in map(json.loads, open(os.path.join(workdir, "metrics.jsonl")))}
+  losses = {row["step"]: row["val/loss"] for row in map(json.loads, open(os.path.join(workdir, "metrics.jsonl")))}
   assert runs.checkpoint_step(workdir, "last") == 2
   assert runs.checkpoint_step(workdir, "best") == min(losses, key=losses.get)
 

@@ -260,7 +260,7 @@ def test_held_out_fraction_is_stratified_fixed_by_split_seed(tmp_path):
   write_folder(tmp_path / "rare_more", splits=(("", 9),), classes=("y", "z"))
   for name in ("y", "z"):
     (tmp_path / "rare_more" / name).rename(rare / name)
-  with pytest.raises(ValueError, match=r"config.data.test_fraction=0.5 holds out every image of class id\(s\) \[0\]"):
+  with pytest.raises(ValueError, match=r"config.data.test_fraction=0.5 holds out every example of class id\(s\) \[0\]"):
     build(data_config(rare, resolution=16, test_fraction=0.5, split_seed=0), None)
 
 

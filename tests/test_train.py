@@ -10,7 +10,7 @@ import pytest
 
 from conftest import devices_env, evaluate_saved_run, restore_checkpoint, run_cli, tiny_config
 from transfer import metrics as metrics_lib
-from transfer import rules, train
+from transfer import data, rules, train
 from transfer.data import digits
 
 
@@ -25,7 +25,10 @@ def test_outputs_and_frozen_backbone_stays_bit_identical(tmp_path):
   # results.json, config.json, metrics.jsonl, TensorBoard events
   assert json.load(open(tmp_path / "results.json")) == pytest.approx(results)
   assert results["trainable_params"] == 1280 * 10 + 10 and results["frozen_params"] > 100_000
-  assert json.load(open(tmp_path / "config.json"))["model"]["depth"] == 0.1
+  saved_config = json.load(open(tmp_path / "config.json"))
+  assert saved_config["model"]["depth"] == 0.1
+  # No validation split: no checkpoint is chosen by a metric (it would be chosen on the reported split).
+  assert saved_config["checkpoint"]["best_metric"] is None and results["selected_step"] == 6
   rows = metrics_lib.read(str(tmp_path))
   assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
   assert {"train/loss", "lr", "grad_norm"} <= set(rows[0]) and "examples_per_sec" in rows[1]
@@ -135,22 +138,54 @@ def test_feature_cache_key_follows_pixels_labels_and_batchnorm_statistics(tmp_pa
   assert len(glob.glob(str(tmp_path / "features" / "*.npy"))) == 4
 
 
-def test_checkpoints_keep_last_and_best_and_resume_after_completion(tmp_path):
-  # A frozen backbone with a fast head: eval accuracy moves between evaluations.
-  config = tiny_config(total_steps=8, eval_every=2, param_rules=[("head/.*", {}), (".*", dict(freeze=True))])
-  config.checkpoint.keep_last = 1
-  train.train(config, str(tmp_path))
-  steps = sorted(int(os.path.basename(p)) for p in glob.glob(str(tmp_path / "checkpoints" / "*")))
-  accs = {r["step"]: r["eval/accuracy"] for r in metrics_lib.read(str(tmp_path)) if "eval/accuracy" in r}
+def test_model_selection_on_validation_and_eval_measured_once(tmp_path):
+  """config.data.val_fraction: evaluations during training measure the validation split (val/* rows, never
+  eval/*), the best checkpoint by val/accuracy is kept beside the last, and the eval split is measured once, at the
+  chosen checkpoint: results.json's eval/* equal that checkpoint's evaluation redone without the trainer. A
+  relaunch after completion reports the same; a checkpoint of another structure is refused."""
+  config = tiny_config(total_steps=8, eval_every=2, **{
+      "model.name": "vit-test8", "model.depth": None, "data.train_per_class": 20, "data.val_fraction": 0.2,
+      "schedule.lr": 3e-3, "checkpoint.keep_last": 1})
+  results = train.train(config, str(tmp_path))
+  rows = metrics_lib.read(str(tmp_path))
+  assert not [k for r in rows for k in r if k.startswith("eval/")], rows   # the eval split: not during training
+  accs = {r["step"]: r["val/accuracy"] for r in rows if "val/accuracy" in r}
   assert sorted(accs) == [2, 4, 6, 8]
-  best = [s for s in steps if accs[s] == max(accs.values())]
-  assert 8 in steps and best and len(steps) <= 2, (steps, accs)   # the last one, plus the best (if not last)
-  again = train.train(config, str(tmp_path))   # relaunch: nothing to do, same final metrics
-  assert again["eval/accuracy"] == pytest.approx(accs[8])
-  other = tiny_config(total_steps=8, param_rules=[(".*", {})])   # unfreezing changes the state's structure
+  chosen = max(s for s, a in accs.items() if a == max(accs.values()))   # a tie goes to the later step
+  steps = sorted(int(os.path.basename(p)) for p in glob.glob(str(tmp_path / "checkpoints" / "*")))
+  assert results["selected_step"] == chosen and results["val/accuracy"] == accs[chosen], (results, accs)
+  assert steps == sorted({chosen, 8}), (steps, accs)   # the last, plus the best
+  redone = evaluate_saved_run(tmp_path, chosen)
+  assert redone["examples"] == 360 and results["eval/accuracy"] == redone["eval/accuracy"], (results, redone)
+  assert results["eval/loss"] == pytest.approx(redone["eval/loss"], abs=1e-6)
+  assert json.load(open(tmp_path / "config.json"))["checkpoint"]["best_metric"] == "val/accuracy"
+  again = train.train(config, str(tmp_path))   # relaunch: nothing to train, the same selection and measurement
+  assert (again["selected_step"], again["eval/accuracy"]) == (chosen, results["eval/accuracy"])
+  other = tiny_config(total_steps=8, param_rules=[(".*", {})])   # another model: another state structure
   with pytest.raises(ValueError, match="holds a checkpoint \\(step 8\\) that does not fit this config"):
     train.train(other, str(tmp_path))
   assert 8 in [int(os.path.basename(p)) for p in glob.glob(str(tmp_path / "checkpoints" / "*"))]
+
+
+def test_validation_split_is_stratified_disjoint_and_fixed():
+  train_ds, _ = digits.load(resolution=8)
+  fit, val = data.split_validation(train_ds, 0.1, seed=0)
+  assert len(fit) + len(val) == len(train_ds) and len(val) == round(0.1 * len(train_ds))
+  rows = lambda ds: {r.tobytes() for r in ds.inputs["image"]}
+  assert not rows(fit) & rows(val) and rows(fit) | rows(val) == rows(train_ds)
+  counts, total = np.bincount(val.labels, minlength=10), np.bincount(train_ds.labels, minlength=10)
+  assert np.all(np.abs(counts - 0.1 * total) <= 1), (counts, total)   # every class its share, to within one
+  again, _ = data.split_validation(train_ds, 0.1, seed=0)
+  np.testing.assert_array_equal(again.labels, fit.labels)
+  other, _ = data.split_validation(train_ds, 0.1, seed=1)
+  assert rows(other) != rows(fit)
+  scores = data.ArrayDataset({"x": np.arange(50)[:, None]}, np.linspace(0, 1, 50, dtype=np.float32), [], "s",
+                             task="regression")
+  fit, val = data.split_validation(scores, 0.2, seed=0)   # scores: a plain random pick
+  assert len(val) == 10 and not set(fit.inputs["x"][:, 0]) & set(val.inputs["x"][:, 0])
+  with pytest.raises(ValueError, match=r"config.data.val_fraction=0.5 holds out every example of class id\(s\)"):
+    data.split_validation(data.ArrayDataset({"x": np.zeros((3, 1))}, np.array([0, 0, 1]), ["a", "b"], "tiny"),
+                          0.5, seed=0)
 
 
 def test_eval_covers_every_example_once():
@@ -219,18 +254,25 @@ TINY_ARGS = ["--config", "tests/tiny_config.py"]
 DROPOUT = ["--config.model.dropout=0.3", "--config.model.drop_path=0.2"]
 
 
-def test_sigkill_mid_training_then_resume_matches_uninterrupted_run(tmp_path):
-  full = run_cli(TINY_ARGS + DROPOUT + ["--workdir", str(tmp_path / "full")])
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  """The dropout run on one device, uninterrupted: the reference of the resume test and of the 8-device run."""
+  workdir = tmp_path_factory.mktemp("uninterrupted") / "run"
+  full = run_cli(TINY_ARGS + DROPOUT + ["--workdir", str(workdir)])
   assert full.returncode == 0, full.stderr[-3000:]
   # No terminal here, so the progress bar is off and progress comes as lines, one per metrics row.
   assert "step 1/8: train/loss" in full.stdout and "step 8/8: train/loss" in full.stdout, full.stdout[-3000:]
+  return workdir
+
+
+def test_sigkill_mid_training_then_resume_matches_uninterrupted_run(tmp_path, uninterrupted):
   # Killed right after the step-6 checkpoint was started (asynchronously): it may be half-written on disk.
   killed = run_cli(TINY_ARGS + DROPOUT + ["--workdir", str(tmp_path / "resumed"), "--config.fault.kill_at_step=6"])
   assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
   assert not (tmp_path / "resumed" / "results.json").exists()
   resumed = run_cli(TINY_ARGS + DROPOUT + ["--workdir", str(tmp_path / "resumed")])
   assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr[-3000:]
-  a, b = restore_checkpoint(tmp_path / "full"), restore_checkpoint(tmp_path / "resumed")
+  a, b = restore_checkpoint(uninterrupted), restore_checkpoint(tmp_path / "resumed")
   assert int(a["step"]) == int(b["step"]) == 8
   for k, v in _leaves({"trainable": a["trainable"], "batch_stats": a["batch_stats"]}).items():
     np.testing.assert_array_equal(_leaves({"trainable": b["trainable"], "batch_stats": b["batch_stats"]})[k], v,
@@ -242,16 +284,14 @@ def test_sigkill_mid_training_then_resume_matches_uninterrupted_run(tmp_path):
   assert "started with 'rbg'" in other.stderr, other.stderr[-3000:]
 
 
-def test_one_and_eight_devices_give_the_same_metrics(tmp_path):
+def test_one_and_eight_devices_give_the_same_metrics(tmp_path, uninterrupted):
   """With dropout and stochastic depth on: the rbg masks are the same on 1 and 8 devices (batch-sharded)."""
-  runs = {}
-  for n in (1, 8):
-    out = run_cli(TINY_ARGS + DROPOUT + ["--workdir", str(tmp_path / f"d{n}")],
-                  env_extra=devices_env(n))
-    assert out.returncode == 0, out.stderr[-3000:]
-    runs[n] = json.load(open(tmp_path / f"d{n}" / "results.json"))
-    assert runs[n]["devices"] == n
-  rows1, rows8 = metrics_lib.read(str(tmp_path / "d1")), metrics_lib.read(str(tmp_path / "d8"))
+  out = run_cli(TINY_ARGS + DROPOUT + ["--workdir", str(tmp_path / "d8")], env_extra=devices_env(8))
+  assert out.returncode == 0, out.stderr[-3000:]
+  runs = {n: json.load(open(os.path.join(workdir, "results.json"))) for n, workdir in ((1, uninterrupted),
+                                                                                      (8, tmp_path / "d8"))}
+  assert (runs[1]["devices"], runs[8]["devices"]) == (1, 8)
+  rows1, rows8 = metrics_lib.read(str(uninterrupted)), metrics_lib.read(str(tmp_path / "d8"))
   for r1, r8 in zip(rows1, rows8):
     assert r1["train/loss"] == pytest.approx(r8["train/loss"], rel=1e-4, abs=1e-5)
     assert r1["grad_norm"] == pytest.approx(r8["grad_norm"], rel=1e-3, abs=1e-5)

@@ -303,7 +303,7 @@ def test_input_normalisation_per_checkpoint(tmp_path):
     with pytest.raises(ValueError, match=r"config\.model\.input_norm="):
       build(bad)
   # From the command line, a name or a pair.
-  out = run_cli(["--config", "tests/tiny_config.py", "--workdir", str(tmp_path / "w"),
+  out = run_cli(["--config", "tests/tiny_config.py:vit", "--workdir", str(tmp_path / "w"),
                  "--config.model.input_norm=imagenet", "--config.total_steps=3"])
   assert out.returncode == 0, out.stderr[-2000:]
   assert json.load(open(tmp_path / "w" / "config.json"))["model"]["input_norm"] == "imagenet"

@@ -305,6 +305,10 @@ class Checkpointer:
     return CheckpointWriteError(f"checkpoint step {step} could not be written to {self.directory}: "
                                 f"{_write_failure_cause(e)}. Stopped; {kept}.")
 
+  def wait(self) -> None:
+    """Waits for the save in flight; raises ``CheckpointWriteError`` if it failed."""
+    self._wait_for_previous()
+
   def _steps_on_disk(self) -> list[int]:
     return [int(n) for n in os.listdir(self.directory) if n.isdigit()] if os.path.isdir(self.directory) else []
 
@@ -326,6 +330,15 @@ class Checkpointer:
     """Restores ``step`` into the structure, dtypes and shardings of ``like`` (unverified: see restore_latest)."""
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
     return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+  def restore_verified(self, step: int, like: Any) -> Any:
+    """Checkpoint ``step`` into ``like``'s structure, checked as ``restore_latest`` checks (digests, finite); a
+    ValueError naming the step if it is not intact."""
+    self._wait_for_previous()
+    reason, detail, restored = self._verified(step, like)
+    if reason is not None:
+      raise ValueError(f"checkpoint step {step} in {self.directory} {detail}")
+    return restored
 
   def restore_latest(self, like: Any) -> tuple[int, Any]:
     """(step, state) of the newest good checkpoint, or (0, ``like``) when there is none.

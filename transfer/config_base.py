@@ -75,7 +75,14 @@ def base() -> ml_collections.ConfigDict:
   c.data.resolution = auto_or("auto")
   c.data.train_per_class = config_dict.placeholder(int)  # keep k labelled training images per class
   c.data.test_fraction = 0.2         # fixed stratified held-out split (images: when the data has no eval split)
-  c.data.split_seed = 0              # fixes the held-out split and the training subsets
+  c.data.split_seed = 0              # fixes the held-out split, the training subsets and the validation split
+  # Model selection: this fraction of the training examples (after train_per_class / train_examples; stratified by
+  # class) is held out as a validation split. Periodic evaluations (eval_every) and the last step measure it
+  # (val/* in metrics.jsonl), the best checkpoint is chosen on it (checkpoint.best_metric 'auto': val/accuracy,
+  # ...), and the eval split is measured once, at the chosen checkpoint (results.json: eval/*, selected_step).
+  # 0: no validation split; evaluations measure the eval split and no checkpoint is chosen by a metric (the last
+  # is reported), since choosing on the reported split would overstate it.
+  c.data.val_fraction = 0.0
   # Images (image_folder, npz, tfds_image; see transfer/data/images.py). Photos are kept on the host with their
   # shorter side at most resolution / eval_crop; each batch is cropped from them at request time.
   # name='image_folder': data_dir = ROOT with ROOT/CLASS/*.jpg|png (test_fraction held out) or ROOT/train/CLASS/...
@@ -163,7 +170,10 @@ def base() -> ml_collections.ConfigDict:
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 100   # steps between saves (0: only at the end); also saved at the end
   c.checkpoint.keep_last = 2       # plus the best by best_metric
-  c.checkpoint.best_metric = "auto"   # auto: the task's (eval/accuracy; eval/pearson for regression)
+  # A validation metric (val/...; needs data.val_fraction > 0) the best checkpoint is chosen by. 'auto': the task's
+  # (val/accuracy; val/pearson for regression; val/loss for causal LMs) with a validation split, else none. An
+  # eval/... metric is refused: it would choose on the split that is reported.
+  c.checkpoint.best_metric = "auto"
   c.checkpoint.best_mode = "auto"     # 'max', 'min', or auto: the task's for its metric; min for */loss, */mse,
                                       # */perplexity; else max
   c.fault = ml_collections.ConfigDict()

@@ -254,6 +254,21 @@ def _check_mesh(config, errors: list[str]) -> None:
       errors.append(str(e))
 
 
+def _check_best_metric(config, check: _Checker) -> None:
+  """Model selection only on a validation split: the best checkpoint by an eval/... metric would be chosen on the
+  split that is then reported; a val/... metric needs data.val_fraction > 0."""
+  metric, val = check.value("checkpoint.best_metric"), check.value("data.val_fraction")
+  if not isinstance(metric, str) or metric == "auto" or not isinstance(val, (int, float)):
+    return
+  if metric.startswith("eval/"):
+    check.errors.append(f"config.checkpoint.best_metric={metric!r} would choose the checkpoint on the eval split, "
+                        f"which is then reported: set config.data.val_fraction (e.g. 0.1) and use "
+                        f"'val/{metric[len('eval/'):]}' (or 'auto')")
+  elif metric.startswith("val/") and not val:
+    check.errors.append(f"config.checkpoint.best_metric={metric!r} needs a validation split: set "
+                        f"config.data.val_fraction (e.g. 0.1)")
+
+
 def validate(config) -> None:
   """Raises ValueError listing every field of ``config`` whose type or value is wrong, each named
   ``config.FIELD=value: expected ...``. Cheap (no data, no model): call it before any work."""
@@ -295,6 +310,7 @@ def validate(config) -> None:
   check.choice("data.name", sorted(SOURCES), what="dataset")
   check.integer("data.train_per_class", 1, optional=True)
   check.number("data.test_fraction", 0, 1, low_open=True, high_open=True)
+  check.number("data.val_fraction", 0, 1, high_open=True, hint="0: no validation split")
   check.integer("data.split_seed", 0, maximum=2 ** 32 - 1)
   check.choice("data.augment", AUGMENTATIONS)
   check.number("data.crop_min_area", 0, 1, low_open=True, hint="a fraction of the image's area")
@@ -373,6 +389,7 @@ def validate(config) -> None:
   check.integer("checkpoint.every_steps", 0, hint="steps between checkpoints; 0: only at the end")
   check.integer("checkpoint.keep_last", 1, hint="the last checkpoint is always kept")
   check.text("checkpoint.best_metric")
+  _check_best_metric(config, check)
   check.choice("checkpoint.best_mode", ("auto", "max", "min"))
   check.integer("fault.kill_at_step", 1, optional=True)
   check.integer("fault.nan_at_step", 1, optional=True)

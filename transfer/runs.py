@@ -89,8 +89,10 @@ def _best_metric(config, workdir) -> tuple[str, str]:
   ckpt = config.get("checkpoint", {})
   metric, mode = ckpt.get("best_metric"), ckpt.get("best_mode")
   if not metric or metric == "auto" or mode not in ("min", "max"):
-    raise ValueError(f"--workdir {workdir}: config.json names no resolved best metric (checkpoint.best_metric="
-                     f"{metric!r}, best_mode={mode!r}); use --checkpoint last or a step")
+    why = ("the run had no validation split (config.data.val_fraction), so no checkpoint was chosen by a metric"
+           if metric is None else f"config.json names no resolved best metric (checkpoint.best_metric={metric!r}, "
+           f"best_mode={mode!r})")
+    raise ValueError(f"--workdir {workdir}: {why}; use --checkpoint last or a step")
   return metric, mode
 
 

@@ -216,20 +216,10 @@ def read_results(run_dir: str) -> dict | None:
     return None
 
 
-def best_metric(run_dir: str) -> tuple[str, str] | None:
-  """(metric, 'max' or 'min'): the run's checkpoint.best_metric and best_mode, as its config.json resolved them."""
-  from transfer import runs
-  try:
-    checkpoint = runs.read_config(run_dir).checkpoint
-    return str(checkpoint.best_metric), str(checkpoint.best_mode)
-  except (OSError, ValueError, AttributeError):
-    return None
-
-
 def final_metric(run_dir: str, results: dict) -> str:
-  """'eval/accuracy 0.9083': the run's best_metric at the end."""
-  best = best_metric(run_dir)
-  name = best[0] if best else next((k for k in results if k.startswith("eval/")), None)
+  """'eval/accuracy 0.9083': the task's main metric on the eval split (measured once, at the run's selected
+  checkpoint)."""
+  name = next((k for k in results if k.startswith("eval/")), None)
   value = results.get(name)
   return f"{name} {value:.4f}" if isinstance(value, (int, float)) else "no eval metric"
 
@@ -326,22 +316,10 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
   return "\n".join(lines)
 
 
-def best_value(run_dir: str) -> tuple[str | None, float | None]:
-  """(the run's best_metric, its best value over the eval rows of metrics.jsonl)."""
-  from transfer import metrics as metrics_lib
-  if (best := best_metric(run_dir)) is None:
-    return None, None
-  metric, mode = best
-  try:
-    values = [r[metric] for r in metrics_lib.read(run_dir) if metric in r]
-  except (OSError, ValueError):
-    return metric, None
-  return metric, ((min if mode == "min" else max)(values) if values else None)
-
-
 def collect(workdir: str, points: list[Point]) -> tuple[list[dict], list[str], list[str]]:
   """(rows, swept field names, metric columns). A row: point, the swept fields, status (ok, failed, not run),
-  every eval/* of results.json, 'best METRIC', wall_seconds, trainable_params."""
+  every eval/* and val/* of results.json (both at the checkpoint the run selected on validation, if it had a
+  validation split), selected_step, wall_seconds, trainable_params."""
   fields = list(dict.fromkeys(k for p in points for k in p.fields))
   rows, metrics = [], []
   for p in points:
@@ -351,15 +329,13 @@ def collect(workdir: str, points: list[Point]) -> tuple[list[dict], list[str], l
         else "not run"
     row = {"point": p.name, **{f: p.fields.get(f) for f in fields}, "status": status}
     if results is not None:
-      row.update({k: v for k, v in results.items() if k.startswith("eval/")})
-      metric, value = best_value(run_dir)
-      if metric is not None:
-        row[f"best {metric}"] = value
-      row.update(wall_seconds=results.get("wall_seconds"), trainable_params=results.get("trainable_params"))
-    metrics += [k for k in row if k.startswith(("eval/", "best ")) and k not in metrics]
+      row.update({k: v for k, v in results.items() if k.startswith(("eval/", "val/"))})
+      row.update(selected_step=results.get("selected_step"), wall_seconds=results.get("wall_seconds"),
+                 trainable_params=results.get("trainable_params"))
+    metrics += [k for k in row if k.startswith(("eval/", "val/")) and k not in metrics]
     rows.append(row)
-  return rows, fields, sorted(m for m in metrics if m.startswith("eval/")) + [m for m in metrics
-                                                                             if m.startswith("best ")]
+  return rows, fields, sorted(m for m in metrics if m.startswith("eval/")) + sorted(m for m in metrics
+                                                                                    if m.startswith("val/"))
 
 
 def _cell(value, column: str, fields: list[str]) -> str:
@@ -393,7 +369,7 @@ def seed_groups(rows: list[dict], fields: list[str]) -> dict[tuple, list[dict]]:
 
 def write_summary(workdir: str, spec: str, rows: list[dict], fields: list[str], metrics: list[str]) -> str:
   """Writes DIR/summary.csv and DIR/summary.md; returns the markdown."""
-  columns = ["point", *fields, "status", *metrics, "wall_seconds", "trainable_params"]
+  columns = ["point", *fields, "status", *metrics, "selected_step", "wall_seconds", "trainable_params"]
   with open(os.path.join(workdir, "summary.csv"), "w", newline="") as f:
     writer = csv.DictWriter(f, columns, extrasaction="ignore")
     writer.writeheader()
@@ -475,7 +451,9 @@ def write_plots(workdir: str, rows: list[dict], fields: list[str], metrics: list
       ax.legend(fontsize="small")
       save(fig, f"{_slug(metric)}_vs_{_slug(field)}.png")
 
-  eval_metric = next((m[len("best "):] for m in metrics if m.startswith("best ")), None)
+  # The right panel: the evaluations during training (validation, if the runs had a validation split).
+  main = next((m for m in metrics if m.startswith("eval/")), "eval/accuracy").split("/", 1)[1]
+  eval_metric = f"val/{main}" if any(m.startswith("val/") for m in metrics) else f"eval/{main}"
   fig, (loss_ax, eval_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
   colors = plt.get_cmap("tab20")
   for i, r in enumerate(done):

@@ -150,16 +150,15 @@ def use_feature_cache(config: ml_collections.ConfigDict, specs: dict) -> bool:
   return fixed and choice != "off"
 
 
-def cache_features(config, workdir: str, model, params: dict, batch_stats, train_ds, eval_ds, batch_sharding,
-                   batch_size: int):
-  """Extracts (or reloads) both splits' features; returns the head-only model, params and datasets."""
-  feats = features_lib.extract_or_reuse(config, workdir, params, batch_stats, {"train": train_ds, "eval": eval_ds},
-                                        batch_sharding, batch_size)
-  out = [data.ArrayDataset({"features": feats[split][0]}, ds.labels, ds.class_names, ds.name, task=ds.task)
-         for split, ds in (("train", train_ds), ("eval", eval_ds))]
-  head = models.FeatureClassifier(num_classes=train_ds.num_outputs, dropout=config.model.get("dropout", 0.0))
+def cache_features(config, workdir: str, params: dict, batch_stats, splits: dict, batch_sharding, batch_size: int):
+  """Extracts (or reloads) every split's features; returns the head-only model, its params and the feature
+  datasets, by split name."""
+  feats = features_lib.extract_or_reuse(config, workdir, params, batch_stats, splits, batch_sharding, batch_size)
+  out = {split: data.ArrayDataset({"features": feats[split][0]}, ds.labels, ds.class_names, ds.name, task=ds.task)
+         for split, ds in splits.items()}
+  head = models.FeatureClassifier(num_classes=splits["train"].num_outputs, dropout=config.model.get("dropout", 0.0))
   head_params = {p: v for p, v in params.items() if not p.startswith("backbone/")}
-  return head, head_params, {}, out[0], out[1]
+  return head, head_params, out
 
 
 def dropout_key(rng: jax.Array, impl: str) -> jax.Array:
@@ -380,6 +379,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     log(f"data: images at {config.data.resolution} px")
   train_ds, eval_ds = data.build(config.data, config.model, config.get("task", "auto"))
   task = tasks.resolve(config, train_ds)
+  val_ds = None   # model selection's split, carved from train (config.data.val_fraction); eval is measured once
+  if config.data.get("val_fraction"):
+    train_ds, val_ds = data.split_validation(train_ds, float(config.data.val_fraction), int(config.data.split_seed))
   config.task = task.name   # config.json says the task the run learnt, not 'auto'
   runs.write_labels(workdir, task.name, getattr(train_ds, "class_names", None))
   batch_size, accum = int(config.batch_size), int(config.get("grad_accum_steps", 1))
@@ -394,7 +396,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if not total_steps:
     raise ValueError("config: set total_steps or total_epochs (> 0)")
   hyper_rule.apply(config, "schedule.warmup_steps", lambda: hyper_rule.warmup_steps(total_steps), log)
-  log(f"data: train {train_ds.name} {len(train_ds)} examples, eval {eval_ds.name} {len(eval_ds)}; task "
+  val_note = f", validation {val_ds.name} {len(val_ds)}" if val_ds is not None else ""
+  log(f"data: train {train_ds.name} {len(train_ds)} examples{val_note}, eval {eval_ds.name} {len(eval_ds)}; task "
       f"{task.name}, {task.describe(train_ds)}; {total_steps} steps of batch {batch_size} "
       f"({total_steps / steps_per_epoch:.1f} epochs)")
 
@@ -446,8 +449,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     cached_base = base_digests(rules.unflatten({p: v for p, v in params.items() if p.startswith("backbone/")}),
                                batch_stats)
     cached_backbone_params = optim.count({p: v for p, v in params.items() if p.startswith("backbone/")})
-    model, params, batch_stats, train_ds, eval_ds = cache_features(
-        config, workdir, model, params, batch_stats, train_ds, eval_ds, sharded, eval_batch_size)
+    splits = {"train": train_ds, "eval": eval_ds, **({"val": val_ds} if val_ds is not None else {})}
+    model, params, splits = cache_features(config, workdir, params, batch_stats, splits, sharded, eval_batch_size)
+    batch_stats, train_ds, eval_ds, val_ds = {}, splits["train"], splits["eval"], splits.get("val")
 
   # ==============================================================================================================
   # The partitioned optimizer and the initial train state.
@@ -480,18 +484,24 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     with open(os.path.join(workdir, "shardings.txt"), "w") as f:
       f.write(sharding.listing(shard_specs, param_shapes))
 
-  def evaluate(state) -> dict:
-    """The task's metrics over every eval example once (the last batch padded and masked)."""
+  def evaluate(state, dataset, split: str = "eval") -> dict:
+    """The task's metrics over every example of ``dataset`` once (the last batch padded and masked), named
+    ``eval/...`` or, for the validation split, ``val/...``."""
     sums, rows = {}, {}
-    n_batches = -(-len(eval_ds) // eval_batch_size)
-    for batch in tqdm(eval_ds.eval_batches(eval_batch_size), total=n_batches, desc="eval", leave=False,
+    n_batches = -(-len(dataset) // eval_batch_size)
+    for batch in tqdm(dataset.eval_batches(eval_batch_size), total=n_batches, desc=split, leave=False,
                       dynamic_ncols=True, disable=None):
       batch_sums, batch_rows = jax.device_get(p_eval_step(state, jax.device_put(batch, sharded)))
       for k, v in batch_sums.items():
         sums[k] = sums.get(k, 0.0) + float(v)
       for k, v in batch_rows.items():
         rows.setdefault(k, []).append(np.asarray(v)[batch["mask"] > 0])
-    return task.metrics(sums, {k: np.concatenate(v) for k, v in rows.items()}, eval_ds)
+    named = task.metrics(sums, {k: np.concatenate(v) for k, v in rows.items()}, dataset)
+    return {f"{split}/{k.split('/', 1)[1]}": v for k, v in named.items()}
+
+  # Evaluations during training measure the validation split when there is one (the best checkpoint is chosen on
+  # it); the eval split is then measured once, after the loop, at the chosen checkpoint.
+  select_split, select_ds = ("val", val_ds) if val_ds is not None else ("eval", eval_ds)
 
   # ==============================================================================================================
   # Restore the last checkpoint, or start.
@@ -499,9 +509,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   state = place_state(state, state_sharding, tx)
   ckpt_cfg = config.checkpoint
   best_metric, best_mode = ckpt_cfg.get("best_metric"), ckpt_cfg.get("best_mode", "auto")
-  best_metric = task.best_metric if best_metric == "auto" else best_metric
+  task_metric = "val/" + task.best_metric.split("/", 1)[1]   # the task's metric, on the validation split
+  if best_metric == "auto":   # choose on validation only (config_check refuses eval/... metrics)
+    best_metric = task_metric if val_ds is not None else None
   if best_mode == "auto":   # the task's direction for its metric; lower is better for losses and errors
-    best_mode = (task.best_mode if best_metric == task.best_metric else
+    best_mode = (task.best_mode if best_metric == task_metric else
                  "min" if best_metric and best_metric.rsplit("/", 1)[-1] in ("loss", "perplexity", "mse") else "max")
   ckpt_cfg.best_metric, ckpt_cfg.best_mode = best_metric, best_mode   # resolved, for config.json's readers
   save_config(config, workdir)
@@ -548,7 +560,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     else:
       examples_since_log += batch_size
     bar.update(1)
-    eval_metrics = evaluate(state) if (eval_every and step % eval_every == 0) or step == total_steps else None
+    eval_metrics = (evaluate(state, select_ds, select_split)
+                    if (eval_every and step % eval_every == 0) or step == total_steps else None)
     if step % log_every == 0 or step == total_steps or eval_metrics:
       row = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
       elapsed = time.time() - t_log
@@ -559,7 +572,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       row.update(eval_metrics or {})
       writer.write(step, row)
       metrics = {**metrics, **row}
-      shown = {k: f"{v:.4g}" for k, v in row.items() if k in ("train/loss", "eval/accuracy", "examples_per_sec")}
+      shown = {k: f"{v:.4g}" for k, v in row.items()
+               if k in ("train/loss", "val/accuracy", "eval/accuracy", "examples_per_sec")}
       bar.set_postfix(shown)
       if bar.disable:   # no terminal (a log file, a batch job): the same progress as lines
         log(f"step {step}/{total_steps}: " + ", ".join(f"{k} {v}" for k, v in shown.items()))
@@ -569,17 +583,41 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if kill_at and step == int(kill_at):  # fault injection: die like a preempted job, even mid-save
       os.kill(os.getpid(), signal.SIGKILL)
   bar.close()
-  ckpt.close()   # CheckpointWriteError if the last save failed
-  writer.close()
+  writer.close()   # metrics.jsonl complete: the best checkpoint is found in it
+  ckpt.wait()   # CheckpointWriteError if the last save failed
+
+  # ==============================================================================================================
+  # Model selection and the one measurement of the eval split: with a validation split, the checkpoint best by
+  # checkpoint.best_metric (on validation) is restored and the eval split measured there; without one, the last
+  # step's evaluation of the eval split is the result.
+  # ==============================================================================================================
+  selected_step, selected = total_steps, {}
+  if val_ds is not None:
+    if best_metric:
+      selected_step = runs.checkpoint_step(workdir, "best")
+      if selected_step != total_steps:
+        like = checkpointed(state, backbone_train=backbone_train)
+        state = {**state, **ckpt.restore_verified(selected_step, like)}
+    selected = next((r for r in metrics_lib.read(workdir)
+                     if r["step"] == selected_step and any(k.startswith("val/") for k in r)), {})
+    final = evaluate(state, eval_ds)
+    how = f"best {best_metric} ({best_mode})" if best_metric else "the last step"
+    log(f"eval split measured once, at step {selected_step} ({how} on the validation split): " +
+        ", ".join(f"{k} {v:.4g}" for k, v in final.items()))
+  elif start_step >= total_steps:  # relaunched after completion: report the final checkpoint again
+    final = evaluate(state, eval_ds)
+  else:
+    final = metrics
+  ckpt.close()
 
   # ==============================================================================================================
   # Results.
   # ==============================================================================================================
-  if start_step >= total_steps:  # relaunched after completion: report the final checkpoint again
-    metrics = evaluate(state)
   results = {
       "step": total_steps,
-      **{k: v for k, v in metrics.items() if k.startswith("eval/")},
+      **{k: v for k, v in final.items() if k.startswith("eval/")},
+      **{k: v for k, v in selected.items() if k.startswith("val/")},
+      "selected_step": selected_step,
       "wall_seconds": time.time() - t_start,
       "compile_seconds": compile_seconds,
       "train_examples_per_sec": timed_examples / timed_seconds if timed_seconds else None,

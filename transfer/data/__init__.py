@@ -43,6 +43,46 @@ def eval_rows(n: int, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]
     yield np.concatenate([rows, np.zeros(pad, np.int64)]), mask
 
 
+HOLDOUT_STREAM = 0x686F6C   # keeps held-out picks apart from the data order's (seed, epoch) generators
+
+
+def holdout_rows(labels: np.ndarray | None, fraction: float, seed: int, *, field: str,
+                 stratify: bool = True) -> tuple[np.ndarray, np.ndarray]:
+  """(kept rows, held-out rows): ``fraction`` of the rows, fixed by ``seed``. Stratified (``labels`` are class
+  ids): rows shuffled and grouped by class, then evenly spaced picks, so every class gives its share of the
+  held-out rows (to within one) and none is held out whole. Otherwise (scores, or no labels) a plain random pick.
+  ``field`` is the config field the fraction came from, named in errors."""
+  n = len(labels) if labels is not None else 0
+  if not 0.0 < fraction < 1.0:
+    raise ValueError(f"config.{field}={fraction}: must be between 0 and 1 (exclusive)")
+  if n < 2:
+    raise ValueError(f"config.{field}={fraction}: {n} example(s) are too few to hold any out")
+  n_held = min(n - 1, max(1, round(fraction * n)))
+  order = np.random.default_rng([seed, HOLDOUT_STREAM]).permutation(n)
+  if not stratify:
+    return np.sort(order[n_held:]), np.sort(order[:n_held])
+  order = order[np.argsort(labels[order], kind="stable")]
+  held = np.sort(order[((np.arange(n_held) + 0.5) * n / n_held).astype(np.int64)])
+  kept = np.setdiff1d(np.arange(n), held)
+  lost = sorted(set(labels[held].tolist()) - set(labels[kept].tolist()))
+  if lost:
+    raise ValueError(f"config.{field}={fraction} holds out every example of class id(s) {lost}: training would "
+                     "never see them; lower the fraction or use more data")
+  return kept, held
+
+
+def split_validation(train, fraction: float, seed: int):
+  """(train, validation): ``config.data.val_fraction`` of the training split held out for model selection (the
+  best checkpoint), so the eval split is measured once, at the checkpoint chosen here. Stratified for
+  classification; fixed by ``config.data.split_seed``, so a resumed run and every seed of a sweep hold out the
+  same rows."""
+  stratify = train.task == "classification"
+  labels = np.zeros(len(train), np.int32) if train.labels is None else train.labels   # causal LM: token rows
+  kept, held = holdout_rows(labels, fraction, seed, field="data.val_fraction", stratify=stratify)
+  return (train.subset(kept, f"{train.name}[train {len(kept)}]"),
+          train.subset(held, f"{train.name}[validation {len(held)}]"))
+
+
 @dataclasses.dataclass
 class ArrayDataset:
   """Model inputs by name (``image`` (N, H, W, C) uint8; or ``input_ids`` ... (N, L)) and ``labels``: for
@@ -98,6 +138,11 @@ class ArrayDataset:
     """Every example exactly once; the last batch is padded and carries ``mask`` 0 on the padding."""
     for rows, mask in eval_rows(len(self), batch_size):
       yield self._trim({**{k: v[rows] for k, v in self.inputs.items()}, **self._labels(rows), "mask": mask})
+
+  def subset(self, rows: np.ndarray, name: str) -> ArrayDataset:
+    """The rows ``rows`` as a dataset of their own (a validation split carved from training: ``split_validation``)."""
+    return dataclasses.replace(self, inputs={k: v[rows] for k, v in self.inputs.items()},
+                               labels=None if self.labels is None else self.labels[rows], name=name)
 
   def _labels(self, rows: np.ndarray) -> dict[str, np.ndarray]:
     """``{'label': ...}`` for the rows, or nothing for a dataset without labels (causal LM)."""

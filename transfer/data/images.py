@@ -22,11 +22,10 @@ from typing import Callable, Iterator, NamedTuple, Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
-from transfer.data import eval_rows, image_ops, train_rows
+from transfer.data import eval_rows, holdout_rows, image_ops, train_rows
 
 AUGMENTATIONS = ("crop_flip", "flip", "none")
 AUGMENT_STREAM = 0x637270   # keeps the crop generators apart from the data order's (seed, epoch) generators
-HOLDOUT_STREAM = 0x686F6C
 REPORT_FIRST = 5            # unusable files named in a report
 SURVEY_IMAGES = 32          # images measured for the auto rule's resolution
 # A file decoded with a shorter side this many times the one stored (64x the pixels) is reported: a JPEG only
@@ -111,6 +110,10 @@ class ImageDataset:
     for rows, mask in eval_rows(len(self), batch_size):
       yield {"image": np.stack([self.eval_view(self.images[r]) for r in rows]), "label": self.labels[rows],
              "mask": mask}
+
+  def subset(self, rows: np.ndarray, name: str) -> ImageDataset:
+    """The rows ``rows`` as a dataset of their own (a validation split carved from training: ``data.split_validation``)."""
+    return dataclasses.replace(self, images=[self.images[i] for i in rows], labels=self.labels[rows], name=name)
 
   def eval_view(self, pixels: np.ndarray) -> np.ndarray:
     h, w = pixels.shape[:2]
@@ -215,26 +218,6 @@ def typical_short_side(source: ImageSource) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 # Splits and subsets.
 # ----------------------------------------------------------------------------------------------------------------
-def holdout_rows(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-  """(train rows, held-out rows), stratified: rows shuffled by ``seed`` and grouped by class, then evenly spaced
-  picks, so every class gives its share of the held-out rows (to within one)."""
-  n = len(labels)
-  if not 0.0 < fraction < 1.0:
-    raise ValueError(f"config.data.test_fraction={fraction}: must be between 0 and 1 (exclusive)")
-  if n < 2:
-    raise ValueError(f"{n} image(s): too few to hold any out for evaluation")
-  n_eval = min(n - 1, max(1, round(fraction * n)))
-  order = np.random.default_rng([seed, HOLDOUT_STREAM]).permutation(n)
-  order = order[np.argsort(labels[order], kind="stable")]
-  held = np.sort(order[((np.arange(n_eval) + 0.5) * n / n_eval).astype(np.int64)])
-  kept = np.setdiff1d(np.arange(n), held)
-  lost = sorted(set(labels[held].tolist()) - set(labels[kept].tolist()))
-  if lost:
-    raise ValueError(f"config.data.test_fraction={fraction} holds out every image of class id(s) {lost}: "
-                     "training would never see them; lower the fraction or add images")
-  return kept, held
-
-
 def subset_rows(labels: np.ndarray, *, per_class: int | None, examples: int | None, seed: int) -> np.ndarray:
   """Rows kept for training: the first ``per_class`` of each class, or the first ``examples``, in a permutation
   fixed by ``seed`` (so a 10-per-class subset lies inside the 50-per-class one)."""
@@ -284,7 +267,7 @@ def load(cfg) -> tuple[ImageDataset, ImageDataset]:
   train_name = train_src.name
   if eval_src is None:
     fraction = cfg.get("test_fraction", 0.2)
-    kept, held = holdout_rows(train.labels, fraction, cfg.get("split_seed", 0))
+    kept, held = holdout_rows(train.labels, fraction, cfg.get("split_seed", 0), field="data.test_fraction")
     train, evaluation = train.take(kept), train.take(held)
     train_name, eval_name = f"{train_src.name}[train {1 - fraction:.0%}]", f"{train_src.name}[held-out {fraction:.0%}]"
   else:
