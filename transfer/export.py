@@ -218,7 +218,7 @@ def main(argv=None) -> int:
   parser.add_argument("--out", required=True, help="the folder to write (new or empty, unless --overwrite)")
   parser.add_argument("--format", required=True, choices=FORMATS, help="hf, peft or timm (see --help)")
   parser.add_argument("--checkpoint", default="last",
-                      help="'last' (default), 'best' (chosen by the run's best metric on its validation split) or a step")
+                      help="'last' (default), 'best' (chosen on the run's validation split) or a step")
   parser.add_argument("--overwrite", action="store_true", help="replace the files of a non-empty --out")
   try:
     args = parser.parse_args(argv)

@@ -214,7 +214,7 @@ def main(argv=None) -> int:
   parser.add_argument("--workdir", required=True, help="the training run's workdir")
   parser.add_argument("--data", required=True, nargs="+", help="input files or folders (see --help's formats)")
   parser.add_argument("--checkpoint", default="last",
-                      help="'last' (default), 'best' (chosen by the run's best metric on its validation split) or a step")
+                      help="'last' (default), 'best' (chosen on the run's validation split) or a step")
   parser.add_argument("--out", help="write JSONL here (default: stdout)")
   parser.add_argument("--batch_size", type=int, default=32, help="inputs per compiled batch (default 32)")
   parser.add_argument("--max_new_tokens", type=int, default=32, help="causal LM: tokens per continuation (default 32)")

@@ -135,9 +135,11 @@ def _resolution(text: str) -> int | str:
   return text if text == "auto" else int(text)
 
 
-def config_from_args(args: argparse.Namespace, overrides: list[str]) -> ml_collections.ConfigDict:
+def config_from_args(args: argparse.Namespace, overrides: list[str], *,
+                     model_config: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
   """The training config of ``--config`` (else the base config), then --model/--scratch, --data, --resolution,
-  --seed, then the ``--config.FIELD=V`` overrides."""
+  --seed, then the ``--config.FIELD=V`` overrides. ``model_config``: a whole ``config.model`` (a training run's,
+  for ``transfer.rank``) in place of --model/--scratch."""
   from ml_collections import config_flags
   bad = [o for o in overrides if not o.startswith("--config.")]
   if bad:
@@ -148,10 +150,12 @@ def config_from_args(args: argparse.Namespace, overrides: list[str]) -> ml_colle
     config = _parse_config_flag(lambda fv, argv: config_flags.DEFINE_config_file(
         "config", flag_values=fv, sys_argv=argv, lock_config=False), [f"--config={args.config}"])
   else:
-    if not (args.model or args.scratch) or not args.data:
+    if not (args.model or args.scratch or model_config) or not args.data:
       raise ValueError("pass --model SOURCE (or --scratch NAME) and --data DATA, or --config FILE")
     config = config_base.base()
-  if args.model or args.scratch:
+  if model_config is not None:
+    config.model = ml_collections.ConfigDict(model_config.to_dict())
+  elif args.model or args.scratch:
     for field, value in model_fields(args.model, args.arch, args.scratch).items():
       config.model[field] = value
   elif args.arch:
@@ -331,18 +335,32 @@ def settle_resolution(config: ml_collections.ConfigDict) -> None:
     print(f"data.resolution = {config.data.resolution} px (set; 'auto' picks it from the images)", flush=True)
 
 
-def features_for(config: ml_collections.ConfigDict, workdir: str, batch_size: int):
-  """(train, eval) datasets and their backbone features from the trainer's cache, and whether each was reused."""
+def datasets_for(config: ml_collections.ConfigDict):
+  """(train, eval) datasets of ``config.data``, the resolution settled first (as the trainer does, before the data
+  config becomes part of the feature cache's key); a regression task is refused."""
+  settle_resolution(config)
+  train_ds, eval_ds = data.build(config.data, config.model)
+  if train_ds.regression:
+    raise ValueError(f"config.data: {train_ds.name} is a regression task; the probe measures class accuracy")
+  return train_ds, eval_ds
+
+
+def features_for(config: ml_collections.ConfigDict, workdir: str, batch_size: int, *, splits=("train", "eval"),
+                 datasets=None, variables=None):
+  """(train, eval) datasets and the backbone features of ``splits`` from the trainer's cache, and whether each was
+  reused. ``datasets``: (train, eval) from ``datasets_for`` (else built here); ``variables``: (flat params,
+  batch_stats) to use instead of the config's init and pretrained weights (``transfer.rank``: a run's checkpoint)."""
   mesh = sharding.make_mesh(config.mesh)   # the trainer's mesh: the batch split over its data and fsdp axes
   if batch_size % sharding.batch_ways(mesh):
     raise ValueError(f"--batch-size {batch_size} must be divisible by the {sharding.batch_ways(mesh)} ways the batch "
                      f"is split (config.mesh: {sharding.describe(mesh)})")
-  settle_resolution(config)   # as the trainer does, before the data config becomes part of the cache key
-  train_ds, eval_ds = data.build(config.data, config.model)
-  if train_ds.regression:
-    raise ValueError(f"config.data: {train_ds.name} is a regression task; the probe measures class accuracy")
-  _, params, batch_stats, _ = train.init_variables(config, train_ds.num_outputs, train_ds.train_batch(0, 1, 0))
-  feats = features_lib.extract_or_reuse(config, workdir, params, batch_stats, {"train": train_ds, "eval": eval_ds},
+  train_ds, eval_ds = datasets or datasets_for(config)
+  if variables is None:
+    _, params, batch_stats, _ = train.init_variables(config, train_ds.num_outputs, train_ds.train_batch(0, 1, 0))
+  else:
+    params, batch_stats = variables
+  by_split = {"train": train_ds, "eval": eval_ds}
+  feats = features_lib.extract_or_reuse(config, workdir, params, batch_stats, {s: by_split[s] for s in splits},
                                         sharding.batch_sharding(mesh), batch_size)
   return train_ds, eval_ds, feats
 

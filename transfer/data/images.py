@@ -112,7 +112,7 @@ class ImageDataset:
              "mask": mask}
 
   def subset(self, rows: np.ndarray, name: str) -> ImageDataset:
-    """The rows ``rows`` as a dataset of their own (a validation split carved from training: ``data.split_validation``)."""
+    """The rows ``rows`` as a dataset of their own (a validation split: ``data.split_validation``)."""
     return dataclasses.replace(self, images=[self.images[i] for i in rows], labels=self.labels[rows], name=name)
 
   def eval_view(self, pixels: np.ndarray) -> np.ndarray:
