@@ -166,8 +166,8 @@ def _rewrite_metrics(path, losses):
 
 def test_checkpoint_choice(workdir, tmp_path):
   """'last' is the newest step, 'best' the saved step with the lowest val/loss in metrics.jsonl (the causal-LM
-  task's best metric, on the validation split), a number that step; the params are that checkpoint's, trainable and frozen merged, and a
-  checkpoint whose arrays do not match the trainer's digests is refused."""
+  task's best metric, on the validation split), a number that step; the params are that checkpoint's, trainable
+  and frozen merged, and a checkpoint whose arrays do not match the trainer's digests is refused."""
   rows = map(json.loads, open(os.path.join(workdir, "metrics.jsonl")))
   losses = {row["step"]: row["val/loss"] for row in rows}
   assert runs.checkpoint_step(workdir, "last") == 2
