@@ -45,6 +45,11 @@ setup(
             "sentence-transformers>=5,<7",  # the mean-pooled embedding reference
             "peft>=0.17,<1",                # the LoRA reference (same weights, same outputs)
             "tensorboardX>=2.6,<3",         # its Event protocol buffer reads back transfer.tb_events' files
+            # tests/test_notebook.py: executes notebooks/transfer_colab.ipynb headless in an IPython kernel of this
+            # interpreter, and checks it against its jupytext twin notebooks/transfer_colab.py.
+            "nbclient>=0.10,<1",
+            "ipykernel>=6.29,<8",
+            "jupytext>=1.16,<2",
         ],
     },
 )
