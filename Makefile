@@ -17,8 +17,10 @@ $(VENV)/.test: $(VENV)/.base
 	$(PIP) install -q -e ".[test]"
 	touch $@
 
+# The default job is a sweep (configs/digits_efficientnet.py: sweep()), two points at a time (a run's small steps
+# keep one core busy, not two); rerunning reuses finished points.
 demo: $(VENV)/.base
-	$(PY) -m transfer.demo --workdir runs/demo
+	$(PY) -m transfer.sweep --config configs/digits_efficientnet.py --workdir runs/demo --processes 2
 
 # Test files run in parallel, a file per worker (module fixtures built once): TEST_WORKERS=0 runs them in this process.
 TEST_WORKERS ?= 2

@@ -122,7 +122,7 @@ if SMOKE:
 else:
   RESOLUTION, PER_CLASS = 64, 0   # 0: every training image
   MODEL = {}                      # the config's: ImageNet EfficientNet-Lite0
-  TRAIN = {"total_epochs": 5.0, "eval_every": 40, "log_every": 10}
+  TRAIN = {"total_steps": None, "total_epochs": 5.0, "eval_every": 40, "log_every": 10}
   PROBE_MODEL = ["--model", "efficientnet-lite0"]
 print(f"{'SMOKE (tiny budget)' if SMOKE else 'real run'}: {RESOLUTION} px, "
       f"{PER_CLASS or 'all'} training images per class; runs in {WORKDIR}")

@@ -56,9 +56,9 @@ PROBE_RULES = [("head/.*", dict(load=False))]
 # ================================================================================================================
 # The config: a training config file, or the base config with --model and --data.
 # ================================================================================================================
-# --data digits: its 8x8 images upsampled to 64 px, as configs/digits_efficientnet.py trains (so a probe and that
+# --data digits: its 8x8 images upsampled to 32 px, as configs/digits_efficientnet.py trains (so a probe and that
 # config's frozen run share features).
-DIGITS_RESOLUTION = 64
+DIGITS_RESOLUTION = 32
 
 
 def data_config(spec: str) -> ml_collections.ConfigDict:

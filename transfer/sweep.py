@@ -34,6 +34,10 @@ from transfer import config_check
 
 ARG_PREFIX = "arg:"
 RESULTS, ERROR_FILE, LOG_FILE = "results.json", "sweep_error.txt", "sweep.log"
+# What the points of one sweep share: XLA's compilation cache (points of one shape, seeds say, compile once; a hit
+# loads the same executable, so results are unchanged) and the feature cache (a frozen backbone's features, keyed by
+# model, data and weights, so every seed of a frozen point reuses the first one's), both in DIR.
+XLA_CACHE, FEATURES = ".xla_cache", "features"
 ERROR_LINES = 20   # the last lines of a failed point's log kept in its sweep_error.txt
 
 
@@ -243,12 +247,13 @@ def run_point(spec: str, workdir: str, point: Point, index: int, progress: Progr
   if os.path.exists(error_path):
     os.remove(error_path)
   path, arg = split_spec(spec)   # the file by its absolute path: the command reruns from anywhere
-  request = json.dumps({"config": os.path.abspath(path) + ("" if arg is None else f":{arg}"), "point": point.name})
+  request = json.dumps({"config": os.path.abspath(path) + ("" if arg is None else f":{arg}"), "point": point.name,
+                        "features": os.path.abspath(os.path.join(workdir, FEATURES))})
   cmd = [sys.executable, "-m", "transfer.train", "--config", f"{os.path.abspath(__file__)}:{request}",
          "--workdir", run_dir]
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = {**os.environ, "PYTHONUNBUFFERED": "1",
-         "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+  env = {"JAX_COMPILATION_CACHE_DIR": os.path.abspath(os.path.join(workdir, XLA_CACHE)), **os.environ,
+         "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
   progress.line(index, f"start {point.name} (log: {log_path})")
   t0 = time.time()
   with open(log_path, "a") as log:   # appended: a resumed point keeps its earlier attempts' output
@@ -295,13 +300,16 @@ def get_config(arg: str):
   """Makes this file a config file for ``python -m transfer.train``: ``arg`` is ``{"config": SPEC, "point": NAME}``
   (JSON) and the config is that point's, rebuilt from the config file as the sweep checked it. So each point is
   an ordinary trainer run, with the trainer's messages and exit codes, and the command at the top of its sweep.log
-  reruns it by hand."""
+  reruns it by hand. ``features`` (the sweep's shared feature cache) is used unless the config names its own."""
   request = json.loads(arg)
   module, base_arg, points = plan(request["config"], build=False)
   point = next((p for p in points if p.name == request["point"]), None)
   if point is None:
     raise ValueError(f"no point {request['point']!r} in the sweep of {request['config']}")
-  return build_config(module, base_arg, point, print)
+  config = build_config(module, base_arg, point, print)
+  if request.get("features") and not config.get("feature_cache_dir"):
+    config.feature_cache_dir = request["features"]
+  return config
 
 
 # ================================================================================================================
