@@ -15,11 +15,11 @@ import os
 from typing import Callable
 
 import jax
-from jax.sharding import NamedSharding, PartitionSpec
 import numpy as np
 from tqdm import tqdm
 
 from transfer import models, rules
+from transfer import sharding as sharding_lib
 from transfer.data import ArrayDataset
 
 
@@ -90,7 +90,7 @@ def extract_or_reuse(config, workdir: str, params: dict, batch_stats, splits: di
   # The weights are an argument (not constants baked into the program, which XLA would fold and copy), placed
   # once on every device of the batch's mesh; the batch is split over all of them.
   forward = jax.jit(lambda v, batch: feature_model.apply(v, batch, train=False))
-  placed = jax.device_put(variables, None if sharding is None else NamedSharding(sharding.mesh, PartitionSpec()))
+  placed = jax.device_put(variables, None if sharding is None else sharding_lib.replicated(sharding.mesh))
   apply_fn = lambda batch: forward(placed, batch)
   weights = digest({**backbone, **{f"batch_stats/{k}": v for k, v in rules.flatten(batch_stats or {}).items()}})
   directory = config.get("feature_cache_dir") or os.path.join(workdir, "features")

@@ -84,6 +84,11 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
+def replicated(mesh: Mesh) -> NamedSharding:
+  """A whole copy on every device of the mesh (scalars, metrics, a frozen backbone's weights for extraction)."""
+  return NamedSharding(mesh, P())
+
+
 def batch_ways(mesh: Mesh) -> int:
   return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
@@ -190,8 +195,8 @@ def _checked(spec: P, shape: tuple, path: str, rule: int, mesh_axes: Mapping[str
 def state_shardings(state: Mapping[str, Any], mesh: Mesh, param_specs: Mapping[str, P]) -> dict:
   """A tree of NamedShardings matching ``state`` (the trainer's dict): ``trainable`` and ``frozen`` by their
   paths' specs; in ``opt_state`` an array shaped like the parameter its tree path ends in (Adam's mu and nu under
-  ``.../mu/backbone/...``) follows that parameter; everything else replicated (counts, scalars, keys)."""
-  replicated = NamedSharding(mesh, P())
+  ``.../mu/backbone/...``) follows that parameter; everything else whole (counts, scalars, keys)."""
+  whole = replicated(mesh)
   shapes = {p: tuple(np.shape(v)) for key in ("trainable", "frozen")
             for p, v in rules_lib.flatten(state.get(key) or {}).items()}
 
@@ -203,14 +208,14 @@ def state_shardings(state: Mapping[str, Any], mesh: Mesh, param_specs: Mapping[s
       tail.append(str(k.key))
     path = "/".join(reversed(tail))
     same = path in param_specs and shapes.get(path) == tuple(np.shape(leaf))
-    return NamedSharding(mesh, param_specs[path]) if same else replicated
+    return NamedSharding(mesh, param_specs[path]) if same else whole
 
   out = {}
   for key, value in state.items():
     if key in ("trainable", "frozen", "opt_state"):
       out[key] = jax.tree_util.tree_map_with_path(follow, value)
     else:
-      out[key] = jax.tree.map(lambda _: replicated, value)
+      out[key] = jax.tree.map(lambda _: whole, value)
   return out
 
 

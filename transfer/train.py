@@ -19,7 +19,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from transfer import config_check, convert, data, hyper_rule, models, optim, rules, runs, sharding, tasks
@@ -250,7 +249,7 @@ def sharded_steps(config: ml_collections.ConfigDict, model, task: tasks.Task, me
   shard_specs = sharding.param_partition_specs(config.sharding_rules, {p: tuple(np.shape(v)) for p, v in flat.items()},
                                                dict(mesh.shape), models.tensor_parallel_layout(model))
   state_sharding = sharding.state_shardings(state, mesh, {p: spec for p, (_, spec) in shard_specs.items()})
-  replicated, batch = NamedSharding(mesh, P()), sharding.batch_sharding(mesh)
+  replicated, batch = sharding.replicated(mesh), sharding.batch_sharding(mesh)
   train_step, eval_step = make_steps(model, tx, schedule, task, backbone_train=backbone_train, accum=accum,
                                      frozen_stats=frozen_stats, dropout_rng_impl=config.dropout_rng_impl)
   p_train_step = jax.jit(train_step, in_shardings=(state_sharding, batch), out_shardings=(state_sharding, replicated),
