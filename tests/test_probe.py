@@ -159,14 +159,14 @@ def _photo_folder(root):
 
 def test_image_data_gets_the_auto_resolution_unless_one_is_set(tmp_path, capsys):
   """A folder of photos, an .npz or a TFDS image dataset is probed at the trainer's auto resolution (224 px for
-  photos), not at the base config's small default; --resolution still decides; digits keep their 64 px. The
-  resolution used is printed either way."""
+  photos), not at the base config's small default; --resolution still decides; digits keep the digits config's
+  32 px (so a probe shares that config's frozen runs' features). The resolution used is printed either way."""
   np.savez(tmp_path / "tiny.npz", image=np.zeros((4, 12, 12, 3), np.uint8), label=np.arange(4) % 2)
   scratch = ["--scratch", "efficientnet-lite0", "--data"]
   for spec in (str(tmp_path), str(tmp_path / "tiny.npz"), "tfds:cifar10"):
     assert _config(scratch + [spec]).data.resolution == "auto", spec
     assert _config(scratch + [spec, "--resolution", "96"]).data.resolution == 96, spec
-  assert _config(scratch + ["digits"]).data.resolution == probe.DIGITS_RESOLUTION == 64
+  assert _config(scratch + ["digits"]).data.resolution == probe.DIGITS_RESOLUTION == 32
   photos = str(_photo_folder(tmp_path / "photos"))
   config = _config(scratch + [photos])
   probe.settle_resolution(config)
