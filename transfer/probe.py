@@ -461,7 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "(--model/--data override them; --config.FIELD=V overrides fields)")
   parser.add_argument("--resolution", help="image side in pixels, or 'auto' (the trainer's rule, by the images' "
                                            "size: 224 px for photos, 128 for small images). Default: 'auto' for "
-                                           "image folders, .npz and TFDS images; 64 for digits; --config's own")
+                                           "image folders, .npz and TFDS images; 32 for digits; --config's own")
   parser.add_argument("--workdir", default="runs/probe", help="holds the feature cache (WORKDIR/features)")
   parser.add_argument("--batch-size", type=int, help="feature-extraction batch (default config.eval_batch_size)")
   parser.add_argument("--seed", type=int, help="config.seed: a scratch backbone's init; also the validation split "

@@ -412,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--data", required=True, help="digits, tfds:NAME (a TFDS text task or image dataset), a .npz "
                                                     "file or an image folder")
   parser.add_argument("--resolution", help="image side in pixels, or 'auto' (as transfer.probe: 'auto' for image "
-                                           "folders, .npz and TFDS images; 64 for digits)")
+                                           "folders, .npz and TFDS images; 32 for digits)")
   parser.add_argument("--workdir", default="runs/rank", help="holds the feature cache (WORKDIR/features)")
   parser.add_argument("--batch-size", type=int, help="feature-extraction batch (default config.eval_batch_size)")
   parser.add_argument("--seed", type=int, help="config.seed: scratch candidates' init and the held-out 20%% of "
