@@ -437,16 +437,22 @@ def probe(config: ml_collections.ConfigDict, workdir: str, *, batch_size: int) -
 # ================================================================================================================
 # The table and the command line.
 # ================================================================================================================
+def aligned(lines: list[tuple[str, ...]], notes=()) -> str:
+  """A header row and rows as left-aligned columns under a dashed rule, then ``note: ...`` lines (the probe's and
+  ``transfer.rank``'s tables)."""
+  widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+  text = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines]
+  text.insert(1, "  ".join("-" * w for w in widths))
+  return "\n".join(text + [f"note: {n}" for n in notes])
+
+
 def table(results: dict) -> str:
   """One row per method and setting: accuracy on the eval split (mean +- std over seeds for k-shot), seconds."""
   lines = [("method", "setting", "accuracy", "time")]
   for r in results["rows"]:
     acc = f"{r['accuracy']:.3f}" + (f" +- {r['std']:.3f}" if r["std"] is not None else "")
     lines.append((r["method"], r["setting"], acc, "(same)" if r["seconds"] is None else f"{r['seconds']:.1f} s"))
-  widths = [max(len(line[i]) for line in lines) for i in range(4)]
-  text = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines]
-  text.insert(1, "  ".join("-" * w for w in widths))
-  return "\n".join(text + [f"note: {n}" for n in results["notes"]])
+  return aligned(lines, results["notes"])
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -397,10 +397,7 @@ def table(results: dict) -> str:
     lines.append((str(r["rank"]), r["candidate"], f"{r['logme']['logme']:.4f}", cell(headline(r, "knn")),
                   cell(headline(r, "ridge")), str(r["feature_dim"]), "reused" if r["features_reused"] else "extracted",
                   f"{r['seconds']['total']:.1f} s"))
-  widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
-  text = ["  ".join(value.ljust(w) for value, w in zip(line, widths)).rstrip() for line in lines]
-  text.insert(1, "  ".join("-" * w for w in widths))
-  return "\n".join(text + [f"note: {n}" for n in results["notes"]])
+  return probe.aligned(lines, results["notes"])
 
 
 def build_parser() -> argparse.ArgumentParser:
