@@ -156,20 +156,43 @@ def test_resolve_lengths_last_one_said_wins():
   assert c.total_epochs == 50.0
 
 
-def test_none_overrides():
+def test_none_and_list_overrides():
   from transfer import config_check
   argv = ["prog", "--config", "x.py", "--config.total_epochs=None", "--config.data.augment=none",
-          "-config.model.pretrained=None", "--workdir=w"]
-  kept, paths = config_check.split_none_overrides(argv)
+          "-config.model.pretrained=None", "--config.sharding_rules=[('.*attention.*', 'tensor'), ('.*', 'fsdp')]",
+          "--workdir=w"]
+  kept, values = config_check.split_value_overrides(argv)
   assert kept == ["prog", "--config", "x.py", "--config.data.augment=none", "--workdir=w"]
-  assert paths == ["total_epochs", "model.pretrained"]
+  assert values == [("total_epochs", None), ("model.pretrained", None),
+                    ("sharding_rules", [(".*attention.*", "tensor"), (".*", "fsdp")])]
   c = tiny_config(total_epochs=2.0, **{"model.pretrained": "efficientnet-lite0"})
   c.lock()
-  config_check.set_none(c, paths)
+  config_check.set_values(c, values)
   assert c.total_epochs is None and c.model.pretrained is None
+  assert list(c.sharding_rules) == [(".*attention.*", "tensor"), (".*", "fsdp")]
   with pytest.raises(ValueError, match=r"--config.schedule.warmup_epoch=None: config.schedule has no field "
                                        r"'warmup_epoch'; did you mean 'warmup_epochs'\?"):
-    config_check.set_none(c, ["schedule.warmup_epoch"])
+    config_check.set_values(c, [("schedule.warmup_epoch", None)])
+  with pytest.raises(ValueError, match=r"--config.seed=\[...\]: config.seed is not a list field"):
+    config_check.set_values(c, [("seed", [1])])
+  with pytest.raises(ValueError, match=r"--config.param_rules=\[\('\.\*', \{\}\): not a Python list literal"):
+    config_check.split_value_overrides(["--config.param_rules=[('.*', {})"])
+  with pytest.raises(ValueError, match=r"not a Python list literal"):   # never evaluated as code
+    config_check.split_value_overrides(["--config.param_rules=[__import__('os').getcwd()]"])
+
+
+def test_cli_list_override_reaches_the_run_config():
+  """``--config.sharding_rules=[...]`` through the trainer's command-line parser; a bad rule is a command-line
+  error naming the field, before anything runs."""
+  from transfer import train
+  config, overrides = train.command_line_config(
+      ["prog", "--config", os.path.join(ROOT, "configs", "digits_efficientnet.py"),
+       "--config.sharding_rules=[('.*', 'replicate')]", "--config.param_rules=[('.*', {'freeze': True})]"])
+  assert list(config.sharding_rules) == [(".*", "replicate")] and list(config.param_rules) == [(".*", {"freeze": True})]
+  assert {"sharding_rules", "param_rules"} <= set(overrides)
+  with pytest.raises(train.CommandLineError, match=r"--config.sharding_rules=\[\(: not a Python list literal"):
+    train.command_line_config(["prog", "--config", os.path.join(ROOT, "configs", "digits_efficientnet.py"),
+                               "--config.sharding_rules=[("])
 
 
 # ------------------------------------------------------------------------------------------------------------------

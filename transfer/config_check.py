@@ -7,14 +7,18 @@ compilation, or never (a negative ``checkpoint.every_steps`` used to mean "every
 
 The command line (``python -m transfer.train``) gets two more things here:
 
-- ``--config.FIELD=None`` clears a field (``split_none_overrides`` and ``set_none``): ml_collections parses a
-  value by the field's type, so ``None`` is rejected for the float placeholders (``total_epochs``).
+- ``--config.FIELD=None`` clears a field, and ``--config.FIELD=[...]`` replaces a list field (the rule lists:
+  ``--config.sharding_rules='[(".*", "tensor")]'``) with a Python literal (``split_value_overrides`` and
+  ``set_values``): ml_collections parses a value by the field's type, so it rejects ``None`` for the float
+  placeholders (``total_epochs``) and cannot override a list at all. A literal is read with ``ast.literal_eval``:
+  never run.
 - ``resolve_lengths``: a length given on the command line replaces the config file's. Setting ``total_steps``
   where the file sets ``total_epochs`` clears ``total_epochs`` with a printed note (the last one said wins), and
   the same for ``schedule.warmup_steps`` / ``schedule.warmup_epochs``.
 """
 from __future__ import annotations
 
+import ast
 import difflib
 import math
 import re
@@ -24,23 +28,35 @@ from typing import Callable, Iterable
 # A length is given in steps or in epochs, never both: (steps field, epochs field).
 LENGTH_PAIRS = (("total_steps", "total_epochs"), ("schedule.warmup_steps", "schedule.warmup_epochs"))
 AUTO = "auto"
-_NONE_OVERRIDE = re.compile(r"^-{1,2}config\.([A-Za-z0-9_.]+)=None$")
+_VALUE_OVERRIDE = re.compile(r"^-{1,2}config\.([A-Za-z0-9_.]+)=(None|\[.*)$", re.DOTALL)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The command line.
 # ----------------------------------------------------------------------------------------------------------------
-def split_none_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
-  """(argv without its ``--config.PATH=None`` arguments, those PATHs in order). Only the exact spelling ``None``
-  counts, so a string field's value 'none' (``--config.data.augment=none``) passes through unchanged."""
-  kept, paths = [], []
+def split_value_overrides(argv: list[str]) -> tuple[list[str], list[tuple[str, object]]]:
+  """(argv without its ``--config.PATH=None`` and ``--config.PATH=[...]`` arguments, their (PATH, value) pairs in
+  order). Only the exact spelling ``None`` counts, so a string field's value 'none' (``--config.data.augment=none``)
+  passes through unchanged; a value starting with ``[`` must be a whole Python list literal."""
+  kept, values = [], []
   for arg in argv:
-    match = _NONE_OVERRIDE.match(arg)
-    if match:
-      paths.append(match.group(1))
-    else:
+    match = _VALUE_OVERRIDE.match(arg)
+    if not match:
       kept.append(arg)
-  return kept, paths
+      continue
+    path, text = match.groups()
+    if text == "None":
+      values.append((path, None))
+      continue
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError) as e:
+      raise ValueError(f"--config.{path}={text}: not a Python list literal ({type(e).__name__}: "
+                       f"{getattr(e, 'msg', e)}); in a shell, quote the whole list: --config.{path}='[...]'") from None
+    if not isinstance(value, list):
+      raise ValueError(f"--config.{path}={text}: expected a list, got a {type(value).__name__}")
+    values.append((path, value))
+  return kept, values
 
 
 def field_holder(config, path: str, flag: str):
@@ -58,11 +74,16 @@ def field_holder(config, path: str, flag: str):
   return node, parts[-1]
 
 
-def set_none(config, paths: Iterable[str]) -> None:
-  """Sets each ``config.PATH`` to None (the ``--config.PATH=None`` arguments); an unknown field is an error."""
-  for path in paths:
-    node, leaf = field_holder(config, path, f"--config.{path}=None")
-    node[leaf] = None
+def set_values(config, values: Iterable[tuple[str, object]]) -> None:
+  """Sets each ``config.PATH`` to its value (``split_value_overrides``'s pairs); an unknown field is an error, and
+  so is a list for a field that does not hold one."""
+  for path, value in values:
+    flag = f"--config.{path}=" + ("None" if value is None else "[...]")
+    node, leaf = field_holder(config, path, flag)
+    if value is not None and not isinstance(node[leaf], (list, tuple)):
+      raise ValueError(f"{flag}: config.{path} is not a list field (it holds {node[leaf]!r}): give its value "
+                       f"without brackets")
+    node[leaf] = value
 
 
 def _get(config, path: str, default=None):

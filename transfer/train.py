@@ -644,12 +644,15 @@ class CommandLineError(ValueError):
 
 def command_line_config(argv: list[str], define_flags=lambda: None):
   """``(config, overridden field paths)`` from ``--config configs/NAME.py[:ARGS]`` and its ``--config.FIELD=V``
-  overrides (``--config.FIELD=None`` clears a field); ``(None, [])`` without ``--config``. ``define_flags``
+  overrides (``--config.FIELD=None`` clears a field, ``--config.FIELD=[...]`` sets a list); ``(None, [])`` without ``--config``. ``define_flags``
   defines the command's other absl flags first. The one parser of config command lines (``transfer.train``,
   ``transfer.plan``); raises ``CommandLineError`` with a message for the user."""
   from absl import flags
   from ml_collections import config_flags
-  argv, none_paths = config_check.split_none_overrides(argv)   # ml_collections' float parser rejects 'None'
+  try:
+    argv, values = config_check.split_value_overrides(argv)   # None and lists: ml_collections parses neither
+  except ValueError as e:
+    raise CommandLineError(str(e)) from None
   config_flag = config_flags.DEFINE_config_file("config", None, "configs/NAME.py[:ARGS]", lock_config=True,
                                                 sys_argv=argv)
   define_flags()
@@ -657,7 +660,7 @@ def command_line_config(argv: list[str], define_flags=lambda: None):
     flags.FLAGS(argv)
     if config_flag.value is not None:
       config_flag.value.keys()   # a config file that failed to load raises its (deferred) error here
-      config_check.set_none(config_flag.value, none_paths)
+      config_check.set_values(config_flag.value, values)
   except (AttributeError, KeyError, ValueError, OSError, flags.Error) as e:  # misspelt --config.X overrides too
     msg = str(e).strip("'\"").replace("\\n", "\n").replace("\\'", "'")
     if isinstance(e, (AttributeError, KeyError)):   # ml_collections names only the field (and maybe a close one)
@@ -666,7 +669,7 @@ def command_line_config(argv: list[str], define_flags=lambda: None):
     raise CommandLineError(msg) from None
   if config_flag.value is None:
     return None, []
-  return config_flag.value, [*config_flags.get_override_values(flags.FLAGS["config"]), *none_paths]
+  return config_flag.value, [*config_flags.get_override_values(flags.FLAGS["config"]), *(p for p, _ in values)]
 
 
 def main(argv=None) -> int:
