@@ -398,8 +398,8 @@ def write_summary(workdir: str, spec: str, rows: list[dict], fields: list[str], 
         mean, std = mean_std(values) if values else (None, None)
         cells.append("" if mean is None else f"{mean:.4f}" + (f" ± {std:.4f}" if std is not None else ""))
       table.append([*key, len(group), *cells])
-    md += ["", "## Over seeds: mean ± sample std (n finished runs)", "",
-           markdown_table([*others, "n", *metrics], table)]
+    md += ["", "## Over seeds: mean ± sample std (runs: how many finished)", "",
+           markdown_table([*others, "runs", *metrics], table)]
   text = "\n".join(md) + "\n"
   with open(os.path.join(workdir, "summary.md"), "w") as f:
     f.write(text)
