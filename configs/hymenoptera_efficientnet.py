@@ -28,7 +28,8 @@ validation set in PyTorch's transfer-learning tutorial.
 
 The sweep below is the study of pretrained vs scratch vs label budget on natural photos (README, "Transfer,
 measured"): scratch, frozen and finetune x per_class 10 or all x seeds 0-2. At 224 px and 250 steps a fine-tuning
-point takes about 20 min on 2 cores, so the study ran at 96 px and 100 steps (18 runs, about 45 min):
+point takes about 20 min on 2 cores, so the study ran at 96 px and 100 steps (18 runs, about 35 min with two at a
+time; fine-tuning and scratch points 3.5-7 min each, frozen ones seconds):
 
   python -m transfer.sweep --config configs/hymenoptera_efficientnet.py:res=96,steps=100 \\
       --workdir runs/hymenoptera_study --processes 2

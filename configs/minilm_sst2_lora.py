@@ -9,15 +9,16 @@ same network trained from scratch.
 ARGS: ``mode`` = lora (rank 8, alpha 16 adapters on the attention projections query, key, value and out; the
 encoder frozen under them; the new head trains), full (every weight, as configs/minilm_sst2.py) or probe (frozen
 encoder, features cached, the head alone) or scratch (the same architecture and tokenizer at random init, every
-weight at 0.1x the head's lr, 1e-3: a common transformer recipe, not tuned here); ``n`` training sentences (a fixed random subset, default 8,000: one
-pass of 250 steps of 32); ``data`` = the folder with train.tsv and dev.tsv. Pooled by BERT's pooler ('cls'), the
+weight at 0.1x the head's lr, 1e-3: a common transformer recipe, not tuned here; in the study below it never left
+the majority class in 125 steps); ``n`` training sentences (a fixed random subset, default 8,000: one pass of 250
+steps of 32); ``data`` = the folder with train.tsv and dev.tsv. Pooled by BERT's pooler ('cls'), the
 pooling transformers' and PEFT's classifiers have, so every run exports (``python -m transfer.export``).
 
 Expected: the README's LoRA table (experiments/lora_results.py measures it, n=8,000, one seed).
 
 The sweep below is the study of pretrained vs scratch vs label budget and of probe vs LoRA vs full fine-tuning at
-equal steps (README, "Transfer, measured"): every mode x n in (800, 4000) x seeds 0-2, 24 runs; about 40 min on 2
-cores with two at a time:
+equal data (README, "Transfer, measured"): every mode x n in (800, 4000) x seeds 0-2, 24 runs; 41 min on 2 cores
+with two at a time (2026-12-07):
 
   python -m transfer.sweep --config configs/minilm_sst2_lora.py --workdir runs/sst2_study --processes 2
 """
