@@ -39,6 +39,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from transfer import rank as rank_lib  # noqa: E402
 from transfer.sweep import markdown_table, mean_std  # noqa: E402
 
 # name: a hymenoptera-study point (None: not a run)
@@ -179,16 +180,11 @@ def main(argv=None) -> int:
     writer.writerows(runs_rows)
 
   # 3. Kendall's tau between each score and the fine-tuned accuracy.
-  def score_of(result: dict, score: str) -> float:   # transfer.rank.headline, on the JSON (keys are strings)
-    if score == "logme":
-      return result["logme"]["logme"]
-    return result["ridge"]["accuracy"] if score == "ridge" else result["knn"]["accuracy"][str(result["knn"]["k"])]
-
   rows = []
   for name, candidate in candidates.items():
     accuracies = [r["accuracy"] for r in runs_rows if r["candidate"] == name]
     mean, std = mean_std(accuracies)
-    rows.append({"candidate": name, **{s: score_of(by_candidate[candidate], s) for s in SCORES},
+    rows.append({"candidate": name, **{s: rank_lib.headline(by_candidate[candidate], s) for s in SCORES},
                  "accuracy_mean": mean, "accuracy_std": std, "accuracies": accuracies})
   tau = {s: r_tau(rows, s) for s in SCORES}
   per_seed = {s: [kendall_tau_b([r[s] for r in rows], [r["accuracies"][i] for r in rows])

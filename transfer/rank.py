@@ -283,12 +283,16 @@ def scores(feats: np.ndarray, labels: np.ndarray, num_classes: int, seed: int) -
 
 
 def headline(result: dict, score: str) -> float | None:
-  """The number a candidate is ordered by for ``score`` ('logme', 'knn' or 'ridge'); None when not computed."""
+  """The number a candidate is ordered by for ``score`` ('logme', 'knn' or 'ridge'); None when not computed.
+  ``result`` is one of ``rank``'s candidates, or the same read back from its JSON."""
   if score == "logme":
     return result["logme"]["logme"]
   if result[score] is None:
     return None
-  return result["ridge"]["accuracy"] if score == "ridge" else result["knn"]["accuracy"][result["knn"]["k"]]
+  if score == "ridge":
+    return result["ridge"]["accuracy"]
+  by_k = result["knn"]["accuracy"]   # keyed by k; by str(k) in a rank.json read back
+  return by_k[result["knn"]["k"]] if result["knn"]["k"] in by_k else by_k[str(result["knn"]["k"])]
 
 
 def order_by(results: list[dict], score: str) -> list[str]:
