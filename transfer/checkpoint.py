@@ -12,6 +12,9 @@
 - One clear error: a failed write (a full disk, a quota) surfaces at the next save or at ``close`` as one
   ``CheckpointWriteError`` naming the step, the cause and the newest intact checkpoint; Orbax's own error logs
   and the asyncio noise of its aborted writes are kept off the console.
+- Several processes: every process saves and restores together (each writes its own shards, on a filesystem all
+  of them see), computes the same digests of the whole arrays and so reaches the same verdict on damage; process
+  0 alone moves files. A checkpoint restores on any process count whose mesh fits the saved shapes.
 """
 from __future__ import annotations
 
@@ -32,6 +35,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
+
+from transfer import distributed
 
 DAMAGED_DIR = "checkpoints_damaged"   # beside WORKDIR/checkpoints
 
@@ -263,7 +268,7 @@ class Checkpointer:
     """Starts an (asynchronous) save of finite values with their digests; ``metrics`` rank it for the best-checkpoint
     policy. Raises ``NonFiniteError`` (nothing written) or ``CheckpointWriteError`` (the previous save failed)."""
     self.check_finite(step, state)
-    host = jax.device_get(state)
+    host = distributed.to_host(state)   # every process: the digests are of the whole arrays
     if bad := nonfinite_paths(host):
       self._stop_nonfinite(f"step {step}: non-finite values in the train state at "
                            f"{', '.join(bad[:4])}{f' (+{len(bad) - 4} more)' if len(bad) > 4 else ''}")
@@ -292,7 +297,8 @@ class Checkpointer:
     """The one error for a failed save; the partial step is removed and the manager closed."""
     _ORBAX_ERRORS.take()
     for partial in glob.glob(os.path.join(self.directory, f"{step}.orbax-checkpoint-tmp*")):
-      shutil.rmtree(partial, ignore_errors=True)
+      if distributed.is_main():
+        shutil.rmtree(partial, ignore_errors=True)
     self._closed = True
     try:
       self.manager.close()
@@ -379,7 +385,7 @@ class Checkpointer:
     """(None, '', state) for a good checkpoint, else (reason, detail, None)."""
     try:
       restored = self.restore(step, like)
-      host = jax.device_get(restored)
+      host = distributed.to_host(restored)
     except Exception as e:   # noqa: BLE001 - as in restore_latest
       gc.collect()   # the other arrays' failed reads surface now, as held Orbax noise, not later on stderr
       return "unreadable", f"cannot be read: {_first_line(e, 200)}", None
@@ -398,13 +404,16 @@ class Checkpointer:
     return None, "", restored
 
   def _set_aside(self, step: int, reason: str, detail: str) -> None:
-    """Moves the step's directory to WORKDIR/checkpoints_damaged/<step>-<reason> (kept for inspection)."""
+    """Moves the step's directory to WORKDIR/checkpoints_damaged/<step>-<reason> (kept for inspection). With several
+    processes, all came to the same verdict (each read and digested the whole state); process 0 moves it."""
     damaged = os.path.join(os.path.dirname(self.directory), DAMAGED_DIR)
-    os.makedirs(damaged, exist_ok=True)
     dest, n = os.path.join(damaged, f"{step}-{reason}"), 1
-    while os.path.exists(dest):
-      n += 1
-      dest = os.path.join(damaged, f"{step}-{reason}-{n}")
-    shutil.move(os.path.join(self.directory, str(step)), dest)
+    if distributed.is_main():
+      os.makedirs(damaged, exist_ok=True)
+      while os.path.exists(dest):
+        n += 1
+        dest = os.path.join(damaged, f"{step}-{reason}-{n}")
+      shutil.move(os.path.join(self.directory, str(step)), dest)
+    distributed.barrier(f"transfer.checkpoint: step {step} set aside")
     self.manager.reload()
     self.log(f"checkpoint step {step} is damaged ({detail}); moved to {dest}; trying the next newest")

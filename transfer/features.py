@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from transfer import models, rules
+from transfer import distributed, models, rules
 from transfer import sharding as sharding_lib
 from transfer.data import ArrayDataset
 
@@ -54,22 +54,25 @@ def extract(apply_fn: Callable, dataset: ArrayDataset, batch_size: int, sharding
   out = []
   n_batches = -(-len(dataset) // batch_size)
   for batch in tqdm(dataset.eval_batches(batch_size), total=n_batches, desc=desc, dynamic_ncols=True,
-                    disable=None):
+                    disable=distributed.progress_disabled()):
     mask = batch.pop("mask")
     batch.pop("label")
-    feats = np.asarray(jax.device_get(apply_fn(jax.device_put(batch, sharding))), np.float32)
+    feats = np.asarray(distributed.to_host(apply_fn(jax.device_put(batch, sharding))), np.float32)
     out.append(feats[mask > 0])
   return np.concatenate(out)
 
 
 def cached(directory: str, key: str, compute: Callable[[], np.ndarray]) -> tuple[np.ndarray, bool]:
   """(features, whether they came from the cache); written to a temporary file and renamed, so a killed run
-  never leaves a partial cache entry behind."""
+  never leaves a partial cache entry behind. With several processes, process 0 decides whether the entry exists
+  and writes it; all of them extract (``compute`` is collective) or read it."""
   path = os.path.join(directory, f"{key}.npy")
-  if os.path.exists(path):
+  if distributed.broadcast(np.bool_(os.path.exists(path))):
     return np.load(path), True
-  os.makedirs(directory, exist_ok=True)
   features = compute()
+  if not distributed.is_main():
+    return features, False
+  os.makedirs(directory, exist_ok=True)
   tmp = f"{path}.tmp-{os.getpid()}"
   with open(tmp, "wb") as f:
     np.save(f, features)
@@ -98,7 +101,8 @@ def extract_or_reuse(config, workdir: str, params: dict, batch_stats, splits: di
   for split, ds in splits.items():
     key = cache_key(config.model.to_dict(), config.data.to_dict(), split, weights, data_digest(ds))
     feats, hit = cached(directory, key, lambda: extract(apply_fn, ds, batch_size, sharding, desc=f"features {split}"))
-    print(f"features: {split} {feats.shape} {'reused from' if hit else 'extracted to'} {directory}/{key}.npy",
-          flush=True)
+    if distributed.is_main():
+      print(f"features: {split} {feats.shape} {'reused from' if hit else 'extracted to'} {directory}/{key}.npy",
+            flush=True)
     out[split] = (feats, hit)
   return out

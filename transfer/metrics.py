@@ -34,6 +34,16 @@ def regression_metrics(predictions: np.ndarray, targets: np.ndarray) -> dict[str
           "eval/mse": float(np.mean((p - t) ** 2))}
 
 
+class NoWriter:
+  """The writer of a process other than 0 in a multi-process run: process 0 writes the run's metrics."""
+
+  def write(self, step: int, metrics: dict) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
+
+
 class MetricWriter:
   """Appends rows to ``WORKDIR/metrics.jsonl`` (and TensorBoard). A resumed run first drops the rows after its
   checkpoint (it logs those steps again) and a last line cut off by a kill or a full disk, with a message."""

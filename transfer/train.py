@@ -1,4 +1,6 @@
-"""The trainer: ``python -m transfer.train --config configs/NAME.py[:ARGS] --workdir DIR [--config.FIELD=V]``.
+"""The trainer: ``python -m transfer.train --config configs/NAME.py[:ARGS] --workdir DIR [--config.FIELD=V]``
+(several processes, one per host: the same command on each, plus ``--coordinator HOST:PORT --num_processes N
+--process_id I`` unless the environment gives them; see ``transfer/distributed.py``).
 
 Reads top to bottom: setup, data, model and pretrained weights, parameter rules and optimizer, devices and
 steps, restore-or-start, the loop, results. Relaunching with the same workdir resumes from the last checkpoint.
@@ -21,7 +23,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from transfer import config_check, convert, data, hyper_rule, models, optim, rules, runs, sharding, tasks
+from transfer import config_check, convert, data, distributed, hyper_rule, models, optim, rules, runs, sharding, tasks
 from transfer import checkpoint as checkpoint_lib
 from transfer import features as features_lib
 from transfer import metrics as metrics_lib
@@ -33,12 +35,15 @@ from transfer.models import lora
 
 
 def log(msg: str) -> None:
-  print(msg, flush=True)
+  """Progress for the user: printed by process 0 (the only one, unless the launch has several)."""
+  if distributed.is_main():
+    print(msg, flush=True)
 
 
 def _check_workdir(workdir: str) -> None:
   """Creates the workdir, checks that it can be written, and takes its lock (``transfer.workdir_lock``: one run per
   workdir; a second launch fails here, naming the run that holds it)."""
+  error = None
   try:
     os.makedirs(workdir, exist_ok=True)
     probe = os.path.join(workdir, f".write_test.{os.getpid()}")   # per process: two launches cannot race on it
@@ -46,8 +51,13 @@ def _check_workdir(workdir: str) -> None:
       f.write("ok")
     os.remove(probe)
   except OSError as e:
-    raise PermissionError(f"--workdir {workdir!r} cannot be written: {e.strerror}") from None
-  workdir_lock.acquire(workdir, log)   # one run per workdir, until the end of the loop (or main's exit)
+    error = PermissionError(f"--workdir {workdir!r} cannot be written: {e.strerror}")
+  if error is None and distributed.is_main():   # a multi-process run holds it on process 0
+    try:
+      workdir_lock.acquire(workdir, log)   # one run per workdir, until the end of the loop (or main's exit)
+    except OSError as e:
+      error = e
+  distributed.fail_together(error)   # several processes: one's failure here stops all of them, each saying why
 
 
 def _check_dropout_rng(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -290,7 +300,7 @@ def base_digests(frozen: dict, batch_stats) -> dict[str, str]:
   """SHA-256 of each array of a base (nested frozen parameters; BatchNorm statistics when they stay fixed, else
   None), keyed ``frozen/...`` and ``batch_stats/...``."""
   base = {"frozen": frozen, **({} if batch_stats is None else {"batch_stats": batch_stats})}
-  return checkpoint_lib.array_digests(jax.device_get(base))
+  return checkpoint_lib.array_digests(distributed.to_host(base))
 
 
 def _changed(recorded: dict[str, str], digests: dict[str, str]) -> list[str]:
@@ -313,6 +323,8 @@ def check_base(workdir: str, digests: dict[str, str], source: str, *, resumed: b
   differs from the recorded one is a ValueError naming the source and the arrays that changed."""
   path = os.path.join(workdir, runs.BASE_FILE)
   if not resumed:
+    if not distributed.is_main():
+      return
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "w") as f:
       json.dump({"source": source, "sha256": digests}, f, indent=1, sort_keys=True)
@@ -351,6 +363,8 @@ def _directory_bytes(path: str) -> int:
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  if not distributed.is_main():
+    return
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
@@ -366,6 +380,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config_check.validate(config)
   _check_workdir(workdir)
   _check_dropout_rng(config, workdir)
+  # Several processes (transfer/distributed.py): each runs this same program on its own devices; all must hold
+  # the same config, and every check above has passed everywhere before process 0 writes.
+  distributed.agree("the config", config.to_json_best_effort(sort_keys=True))
+  distributed.barrier("transfer.train: setup checked")
   config = copy.deepcopy(config)
   save_config(config, workdir)
 
@@ -382,7 +400,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if config.data.get("val_fraction"):
     train_ds, val_ds = data.split_validation(train_ds, float(config.data.val_fraction), int(config.data.split_seed))
   config.task = task.name   # config.json says the task the run learnt, not 'auto'
-  runs.write_labels(workdir, task.name, getattr(train_ds, "class_names", None))
+  if distributed.is_main():
+    runs.write_labels(workdir, task.name, getattr(train_ds, "class_names", None))
   batch_size, accum = int(config.batch_size), int(config.get("grad_accum_steps", 1))
   if batch_size > len(train_ds):
     raise ValueError(f"config.batch_size={batch_size} is larger than the training set {train_ds.name} "
@@ -409,7 +428,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # ==============================================================================================================
   # Devices (transfer/sharding.py): the mesh, each parameter's sharding by config.sharding_rules, the batch split
-  # over the data and fsdp axes. Everything is checked here, before anything compiles.
+  # over the data and fsdp axes. Everything is checked here, before anything compiles. With several processes the
+  # mesh spans every process's devices; each process puts its own rows of the (same) global batch on its own.
   # ==============================================================================================================
   mesh = sharding.make_mesh(config.mesh)
   sharded = sharding.batch_sharding(mesh)
@@ -480,8 +500,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     param_shapes = {p: tuple(np.shape(v)) for p, v in params.items()}
     log("sharding rules (first match wins; every parameter in WORKDIR/shardings.txt):\n" + sharding.sharding_table(
         config.sharding_rules, shard_specs, param_shapes, dict(mesh.shape)))
-    with open(os.path.join(workdir, "shardings.txt"), "w") as f:
-      f.write(sharding.listing(shard_specs, param_shapes))
+    if distributed.is_main():
+      with open(os.path.join(workdir, "shardings.txt"), "w") as f:
+        f.write(sharding.listing(shard_specs, param_shapes))
 
   def evaluate(state, dataset, split: str = "eval") -> dict:
     """The task's metrics over every example of ``dataset`` once (the last batch padded and masked), named
@@ -489,7 +510,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     sums, rows = {}, {}
     n_batches = -(-len(dataset) // eval_batch_size)
     for batch in tqdm(dataset.eval_batches(eval_batch_size), total=n_batches, desc=split, leave=False,
-                      dynamic_ncols=True, disable=None):
+                      dynamic_ncols=True, disable=distributed.progress_disabled()):
       batch_sums, batch_rows = jax.device_get(p_eval_step(state, jax.device_put(batch, sharded)))
       for k, v in batch_sums.items():
         sums[k] = sums.get(k, 0.0) + float(v)
@@ -531,7 +552,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   state = {**state, **restored}
   if start_step:
     log(f"resumed from {workdir}/checkpoints step {start_step}")
-  writer = metrics_lib.MetricWriter(workdir, resume_step=start_step, log=log)
+  writer = (metrics_lib.MetricWriter(workdir, resume_step=start_step, log=log) if distributed.is_main() else
+            metrics_lib.NoWriter())
   nan_at = config.get("fault", {}).get("nan_at_step")
 
   # ==============================================================================================================
@@ -542,7 +564,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   kill_at = config.get("fault", {}).get("kill_at_step")
   compile_seconds, timed_examples, timed_seconds = 0.0, 0, 0.0
   metrics = {}
-  bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True, disable=None)
+  bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True,
+             disable=distributed.progress_disabled())
   t_log, examples_since_log = time.time(), 0
   for step in range(start_step + 1, total_steps + 1):
     batch = train_ds.train_batch(step - 1, batch_size, seed=int(config.seed))
@@ -574,12 +597,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       shown = {k: f"{v:.4g}" for k, v in row.items()
                if k in ("train/loss", "val/accuracy", "eval/accuracy", "examples_per_sec")}
       bar.set_postfix(shown)
-      if bar.disable:   # no terminal (a log file, a batch job): the same progress as lines
+      if bar.disable and distributed.is_main():   # no terminal (a log file, a batch job): the same progress as lines
         log(f"step {step}/{total_steps}: " + ", ".join(f"{k} {v}" for k, v in shown.items()))
       t_log, examples_since_log = time.time(), 0
     if (ckpt_every and step % ckpt_every == 0) or step == total_steps:
       ckpt.save(step, checkpointed(state, backbone_train=backbone_train), metrics=eval_metrics)
     if kill_at and step == int(kill_at):  # fault injection: die like a preempted job, even mid-save
+      distributed.barrier("transfer.train: fault.kill_at_step")   # every process of the job at once
       os.kill(os.getpid(), signal.SIGKILL)
   bar.close()
   writer.close()   # metrics.jsonl complete: the best checkpoint is found in it
@@ -592,12 +616,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # ==============================================================================================================
   selected_step, selected = total_steps, {}
   if val_ds is not None:
-    if best_metric:
-      selected_step = runs.checkpoint_step(workdir, "best")
+    if best_metric:   # read from metrics.jsonl by process 0, restored by all
+      best = runs.checkpoint_step(workdir, "best") if distributed.is_main() else 0
+      selected_step = int(distributed.broadcast(np.int64(best)))
       if selected_step != total_steps:
         like = checkpointed(state, backbone_train=backbone_train)
         state = {**state, **ckpt.restore_verified(selected_step, like)}
-    selected = next((r for r in metrics_lib.read(workdir)
+    selected = next((r for r in (metrics_lib.read(workdir) if distributed.is_main() else [])
                      if r["step"] == selected_step and any(k.startswith("val/") for k in r)), {})
     final = evaluate(state, eval_ds)
     how = f"best {best_metric} ({best_mode})" if best_metric else "the last step"
@@ -627,9 +652,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       "checkpoint_bytes": _directory_bytes(os.path.join(workdir, "checkpoints", str(total_steps))),
       "peak_host_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,   # Linux: KiB
       "devices": n_dev,
+      "processes": distributed.process_count(),
   }
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump(results, f, indent=2)
+  if distributed.is_main():
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+      json.dump(results, f, indent=2)
   workdir_lock.release(workdir)
   log("results: " + json.dumps(results))
   return results
@@ -688,7 +715,14 @@ def main(argv=None) -> int:
   ``--config.FIELD=None`` clears a field, and a length the command line gives (total_steps or total_epochs,
   schedule.warmup_steps or warmup_epochs) replaces the config file's, with a note (``transfer.config_check``)."""
   from absl import flags
-  define = lambda: flags.DEFINE_string("workdir", None, "where checkpoints, metrics and results go (resumes if any)")
+
+  def define():
+    flags.DEFINE_string("workdir", None, "where checkpoints, metrics and results go (resumes if any)")
+    # A multi-process launch (transfer/distributed.py): every process gets the same command line but its own
+    # --process_id; a TPU pod slice or a SLURM job with several tasks is recognised without them.
+    flags.DEFINE_string("coordinator", None, "HOST:PORT of process 0, for a multi-process run")
+    flags.DEFINE_integer("num_processes", None, "how many processes the run has (one per host)")
+    flags.DEFINE_integer("process_id", None, "this process's index, 0..num_processes-1")
   try:
     config, overrides = command_line_config(sys.argv if argv is None else argv, define)
   except CommandLineError as e:
@@ -698,13 +732,16 @@ def main(argv=None) -> int:
     print("usage: python -m transfer.train --config configs/NAME.py --workdir DIR", file=sys.stderr)
     return 2
   try:
+    launch = distributed.initialize(flags.FLAGS.coordinator, flags.FLAGS.num_processes, flags.FLAGS.process_id)
+    if distributed.process_count() > 1:
+      log(f"launch: {launch}")
     config_check.resolve_lengths(config, overrides, log)
     config_check.validate(config)
     train(config, flags.FLAGS.workdir)
   except KeyboardInterrupt:
     print("interrupted: relaunch with the same --workdir to resume from its last checkpoint", file=sys.stderr)
     return 130
-  except (ValueError, OSError, FloatingPointError) as e:
+  except (ValueError, OSError, FloatingPointError, distributed.LaunchError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   finally:   # however the run stops: the save in flight completes, then the workdir lock is released
