@@ -134,6 +134,16 @@ def test_candidate_syntax(tmp_path):
                        ("scratch:", "names nothing after its prefix")):
     with pytest.raises(ValueError, match=message):
       rank.parse_candidates(bad)
+  # --model, repeatable: one candidate each, commas and all (a sweep point's workdir), after --models's.
+  point = f"{tmp_path}/sweep/mode=full,n=10,seed=0"
+  parsed = rank.parse_candidates("efficientnet-lite0", [f"run:{point}@best", "scratch:vit-s16"])
+  assert [(c.kind, c.source, c.checkpoint) for c in parsed] == [
+      ("pretrained", "efficientnet-lite0", "last"), ("run", point, "best"), ("scratch", "vit-s16", "last")]
+  assert len(rank.parse_candidates(None, [f"run:{point}"])) == 1
+  for models, single, message in ((None, None, "none of them empty"), (None, [" "], "--model: an empty"),
+                                  ("a", ["a"], r"\['a'\] listed more than once")):
+    with pytest.raises(ValueError, match=message):
+      rank.parse_candidates(models, single)
 
 
 def test_cli_refuses_bad_candidates_and_data_naming_them(tmp_path, capsys):

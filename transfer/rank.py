@@ -6,7 +6,8 @@
   python -m transfer.rank --models all-minilm-l6-v2,scratch:all-minilm-l6-v2 --data tfds:glue/sst2 \\
       --config.data.train_examples=2000
 
-A candidate (``--models``, comma-separated) is one of:
+A candidate (``--models``, comma-separated, or ``--model`` once per candidate, for paths that hold commas) is one
+of:
 
 - a pretrained source, as ``transfer.probe --model`` takes it: a short name (efficientnet-lite0, all-minilm-l6-v2),
   a Hugging Face model folder or cached hub id, or a checkpoint file with its architecture: ``PATH@ARCH``;
@@ -185,11 +186,16 @@ class Candidate:
   checkpoint: str = "last"     # a run's checkpoint (run:WORKDIR@CHECKPOINT)
 
 
-def parse_candidates(spec: str) -> list[Candidate]:
-  """``--models`` -> candidates (see the module docstring); empty or repeated entries are refused."""
-  items = [item.strip() for item in (spec or "").split(",")]
-  if not spec or not all(items):
-    raise ValueError(f"--models {spec!r}: expected candidates separated by commas, none of them empty")
+def parse_candidates(spec: str | None, single: list[str] | None = None) -> list[Candidate]:
+  """``--models`` (comma-separated) then each ``--model`` (one candidate, whose path may hold commas: a sweep
+  point's workdir) -> candidates (see the module docstring); empty or repeated entries are refused."""
+  items = [item.strip() for item in spec.split(",")] if spec is not None else []
+  if (spec is not None and not all(items)) or (spec is None and not single):
+    raise ValueError(f"--models {spec!r}: expected candidates separated by commas, none of them empty (or "
+                     "--model CANDIDATE, repeated)")
+  if any(not item.strip() for item in single or []):
+    raise ValueError("--model: an empty candidate")
+  items += [item.strip() for item in single or []]
   if repeated := sorted({i for i in items if items.count(i) > 1}):
     raise ValueError(f"--models: {repeated} listed more than once")
   out = []
@@ -406,7 +412,9 @@ def table(results: dict) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="python -m transfer.rank", description=__doc__.splitlines()[0])
-  parser.add_argument("--models", required=True,
+  parser.add_argument("--model", action="append",
+                      help="one candidate, as in --models (repeatable; for a path that holds a comma)")
+  parser.add_argument("--models",
                       help="comma-separated candidates: pretrained sources (efficientnet-lite0, a Hugging Face "
                            "folder, PATH@ARCH for a checkpoint file), scratch:NAME (random init), "
                            "run:WORKDIR[@last|best|STEP] (a training run's backbone)")
@@ -425,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
   args, overrides = build_parser().parse_known_args(sys.argv[1:] if argv is None else argv)
   try:
-    candidates = parse_candidates(args.models)
+    candidates = parse_candidates(args.models, args.model)
     if args.batch_size is not None and args.batch_size < 1:
       raise ValueError(f"--batch-size {args.batch_size}: expected a positive number")
     train._check_workdir(args.workdir)
