@@ -109,6 +109,7 @@ that started under load with ``*``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import math
@@ -637,6 +638,7 @@ def _jax_case(workload, mode: str, size: int, args) -> dict:
   config.optimizer.name, config.optimizer.weight_decay = "adamw", WEIGHT_DECAY
   config.optimizer.grad_clip_norm = CLIP_NORM
   config.dropout_rng_impl = args.dropout_rng_impl
+  config.model.dtype = args.dtype   # bfloat16: computed in bfloat16 on float32 master weights (the trainer's mode)
   decoder = isinstance(workload, DecoderWorkload)   # causal LM: its own rules, task and model (no new head)
   config.param_rules = workload.param_rules(mode) if decoder else PARAM_RULES[mode]
   task = tasks.CausalLM(config) if decoder else tasks.Classification(config)
@@ -744,6 +746,10 @@ def _torch_case(workload, framework: str, mode: str, size: int, args) -> dict:
     for p in ref.head.parameters():
       p.zero_()
   labels = torch.from_numpy(inputs["label"]).long()
+  # --dtype bfloat16: PyTorch's own mixed precision on CPU, autocast (bfloat16 matmuls and convolutions, float32
+  # weights and reductions), its fastest mode on a CPU with bfloat16 matrix units.
+  precision = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if args.dtype == "bfloat16" else (
+      contextlib.nullcontext)
   head = list(ref.head.parameters())
   head_ids = {id(p) for p in head}
   backbone = [p for p in model.parameters() if id(p) not in head_ids]
@@ -755,7 +761,7 @@ def _torch_case(workload, framework: str, mode: str, size: int, args) -> dict:
     model.eval()
 
     def run():
-      with torch.inference_mode():
+      with torch.inference_mode(), precision():
         return ref.forward()
   else:
     if mode == "full":
@@ -776,7 +782,8 @@ def _torch_case(workload, framework: str, mode: str, size: int, args) -> dict:
     losses = []
 
     def run():
-      loss = F.cross_entropy(ref.forward(), labels)
+      with precision():
+        loss = F.cross_entropy(ref.forward().float(), labels)
       opt.zero_grad(set_to_none=True)
       loss.backward()
       torch.nn.utils.clip_grad_norm_(trainable, CLIP_NORM)
@@ -900,9 +907,13 @@ def _torch_decoder_case(workload, framework: str, mode: str, size: int, args) ->
   targets = ids[:, 1:].reshape(-1)
   losses = []
 
+  precision = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if args.dtype == "bfloat16" else (
+      contextlib.nullcontext)   # as _torch_case
+
   def run():
-    logits = model(input_ids=ids, attention_mask=mask).logits
-    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets)
+    with precision():
+      logits = model(input_ids=ids, attention_mask=mask).logits
+      loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(trainable, CLIP_NORM)
@@ -968,7 +979,7 @@ def environment(args) -> dict:
                                    "new_tokens": args.new_tokens, "decode_calls": args.decode_calls}
                                   if "decode" in args.modes[name] else {})}
                         for name, sizes in args.sizes.items()},
-          "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
+          "batch": args.batch, "steps": args.steps, "warmup": args.warmup, "dtype": args.dtype,
           "optimizer": {"name": "adamw", "lr": LR, "backbone_lr_mult_full": BACKBONE_LR_MULT,
                         "weight_decay": WEIGHT_DECAY, "grad_clip_norm": CLIP_NORM},
           "loadavg_start": os.getloadavg()}
@@ -1035,7 +1046,7 @@ def run_case(name: str, framework: str, mode: str, size: int, args) -> dict:
   cmd = [sys.executable, os.path.abspath(__file__), "--child", f"{name}:{framework}:{mode}:{size}", "--batch",
          str(case_batch(WORKLOADS[name], mode, args)), "--steps", str(args.steps), "--warmup", str(args.warmup),
          "--threads", str(args.threads), "--new-tokens", str(args.new_tokens), "--decode-calls",
-         str(args.decode_calls), "--dropout-rng-impl", args.dropout_rng_impl]
+         str(args.decode_calls), "--dropout-rng-impl", args.dropout_rng_impl, "--dtype", args.dtype]
   env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p),
          "HF_HUB_OFFLINE": "1"}  # every model is read from a local folder; never wait on the network
   case = {"model": name, "framework": framework, "mode": mode, "size": size}
@@ -1229,6 +1240,9 @@ def main(argv=None) -> int:
                       help=f"smoke run: {QUICK_STEPS} timed steps unless --steps, each workload's smallest size unless --sizes")
   parser.add_argument("--dropout-rng-impl", default="rbg", choices=("rbg", "threefry"),
                       help="the JAX step's dropout generator (config.dropout_rng_impl; default: the trainer's)")
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                      help="computation dtype of every case: JAX's config.model.dtype, PyTorch's autocast for "
+                           "bfloat16 (float32 weights on both sides)")
   parser.add_argument("--case-timeout", type=float, default=1800, help="seconds before a case is abandoned")
   parser.add_argument("--child", help=argparse.SUPPRESS)  # MODEL:FRAMEWORK:MODE:SIZE, run by the parent
   parser.add_argument("--write-weights", help=argparse.SUPPRESS)  # MODEL:SIZE:PATH, run by a JAX child

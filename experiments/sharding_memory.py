@@ -14,7 +14,11 @@ mesh on abstract values, nothing allocated) on 8 simulated CPU devices, in a pro
   tied embeddings; 1.24B), causal LM, batch 32 x 1024 tokens.
 
 Layouts: replicated (data=8: every device holds the whole state), FSDP-8 (data=1, fsdp=8: parameters and
-optimizer state split eight ways, gathered layer by layer) and FSDP-8 with ``model.remat='block'``.
+optimizer state split eight ways, gathered layer by layer) and FSDP-8 with ``model.remat='block'``, with the
+trainer's default dropout generator (``dropout_rng_impl='rbg'``); for the models with dropout in their blocks,
+FSDP-8 + remat once more with 'threefry' (see ``LAYOUTS``).
+
+  python experiments/sharding_memory.py --out FILE --table    # the README's table from the rows
 """
 from __future__ import annotations
 
@@ -41,25 +45,74 @@ MODELS = {   # name -> (config.model.name, architecture, task, batch, tokens)
     "GPT-2-medium": ("gpt2", "gpt2-medium", "causal_lm", 32, 1024),
     "Llama-1B": ("llama", "llama-1b", "causal_lm", 32, 1024),
 }
-LAYOUTS = {"replicated": (dict(data=8, fsdp=1), "none"), "FSDP-8": (dict(data=1, fsdp=8), "none"),
-           "FSDP-8 + remat": (dict(data=1, fsdp=8), "block")}
+LAYOUTS = {"replicated": (dict(data=8, fsdp=1), "none", "rbg"), "FSDP-8": (dict(data=1, fsdp=8), "none", "rbg"),
+           "FSDP-8 + remat": (dict(data=1, fsdp=8), "block", "rbg"),
+           # The trainer's default dropout generator, 'rbg', materialises its random bits (XLA's RngBitGenerator is
+           # one op that nothing fuses into) and keeps them for the backward pass; 'threefry' is elementwise, so XLA
+           # fuses it into each mask's consumer, forward and backward, and keeps nothing. The models with dropout:
+           "FSDP-8 + remat, threefry": (dict(data=1, fsdp=8), "block", "threefry")}
+# Not bfloat16: XLA's CPU backend computes bfloat16 programs in float32 (its float-normalisation pass), so their
+# buffers, and this table, would be the float32 ones; on a TPU a bfloat16 step's activations are about half.
+DROPOUT_MODELS = ("BERT-base", "GPT-2-medium")   # dropout inside their blocks (the ViT and Llama have none there)
 
 ROW_SCRIPT = """
 import json, sys
 from transfer import config_base, plan
-name, architecture, task, batch, tokens, data, fsdp, remat = json.loads(sys.argv[1])
+name, architecture, task, batch, tokens, data, fsdp, remat, rng, dtype = json.loads(sys.argv[1])
 c = config_base.base()
 c.model.name, c.model.architecture, c.model.remat, c.model.dropout = name, architecture, remat, 0.1
-c.task, c.batch_size = task, batch
+c.task, c.batch_size, c.total_steps = task, batch, 1000   # the step's shapes do not depend on the run's length
 c.data.name = "lm_text" if task == "causal_lm" else c.data.name
 if tokens:
   c.data.max_length = tokens
 else:
   c.data.resolution = 224
 c.mesh.data, c.mesh.fsdp = data, fsdp
+c.dropout_rng_impl, c.model.dtype = rng, dtype
 c.optimizer.weight_decay = 0.01
 print("PLAN " + json.dumps(plan.plan(c)))
 """
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The plan for one TPU v5e-8 host, on paper. Chip figures from Google's v5e page (docs.cloud.google.com/tpu/docs/
+# v5e); the rest are this script's assumptions, stated where the table is printed.
+V5E_PEAK_FLOPS = 197e12          # bf16 per chip
+V5E_HBM_BYTES = 16e9             # per chip
+V5E_ICI_BYTES_PER_S = 400e9      # bidirectional, per chip
+MATMUL_EFFICIENCY = 0.6          # assumed: the share of peak a well-shaped bf16 training step sustains on the MXUs
+COLLECTIVE_SHARE_OF_ICI = 0.5    # assumed: a ring collective on the 2x4 torus moves data at half the ICI figure
+
+
+def projected_v5e8(row: dict, model_flops: float) -> dict:
+  """Step time and MFU of ``row``'s step on a v5e-8 host: compute time = the compiler's FLOPs per device over
+  ``MATMUL_EFFICIENCY`` x peak; communication = the float32 bytes the layout moves per device (replicated:
+  all-reduce of the gradients, 2 (n-1)/n x params; FSDP: two all-gathers of the weights and one reduce-scatter of
+  the gradients, 3 (n-1)/n x params) over ``COLLECTIVE_SHARE_OF_ICI`` x ICI; the two overlap (XLA's async
+  collectives on TPU), so the step takes the longer of them. MFU counts ``model_flops``, the step without
+  rematerialisation's recomputed forward (the replicated row's FLOPs), so remat's extra work lowers it."""
+  n = 8
+  compute = row["flops"] / (V5E_PEAK_FLOPS * MATMUL_EFFICIENCY)
+  moves = 3 if row["mesh"]["fsdp"] > 1 else 2
+  comm = moves * (n - 1) / n * row["params"] * 4 / (V5E_ICI_BYTES_PER_S * COLLECTIVE_SHARE_OF_ICI)
+  step = max(compute, comm)
+  return {"compute_s": compute, "comm_s": comm, "step_s": step, "mfu": model_flops / (step * V5E_PEAK_FLOPS),
+          "fits": row["peak"] <= V5E_HBM_BYTES}
+
+
+def table(rows: list[dict]) -> str:
+  """The README's table: per-device memory from the compiler, and the v5e-8 projection."""
+  gib = lambda b: f"{b / 2 ** 30:.2f}"
+  lines = ["| model | params | layout | state GiB | temporaries GiB | peak GiB | TFLOP / device / step | fits v5e "
+           "(16 GB) | v5e-8 step s (compute / comm) | v5e-8 MFU |", "|---|---|---|---|---|---|---|---|---|---|"]
+  model_flops = {r["label"]: r["flops"] for r in rows if r["layout"] == "replicated"}
+  for r in rows:
+    p = projected_v5e8(r, model_flops.get(r["label"], r["flops"]))
+    lines.append(f"| {r['label']} | {r['params'] / 1e6:.0f}M | {r['layout']} | {gib(r['state_bytes'])} | "
+                 f"{gib(r['temporaries'])} | {gib(r['peak'])} | {r['flops'] / 1e12:.2f} | "
+                 f"{'yes' if p['fits'] else 'no'} | {p['step_s']:.3f} ({p['compute_s']:.3f} / {p['comm_s']:.3f}) | "
+                 f"{100 * p['mfu']:.0f}% |")
+  return "\n".join(lines)
 
 
 def architecture_folder(base: str, key: str) -> str:
@@ -74,7 +127,11 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--out", required=True, help="JSON file for the rows")
   parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ", ".join(MODELS))
+  parser.add_argument("--table", action="store_true", help="print the table of --out's rows and stop")
   args = parser.parse_args()
+  if args.table:
+    print(table(json.load(open(args.out))))
+    return
   # LLVM at -O0: the figures come from XLA's buffer assignment and cost analysis of the optimised HLO, which LLVM
   # never sees; only the (unused) machine code is worse, and each compile is several times faster.
   env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
@@ -85,11 +142,12 @@ def main() -> None:
     for label in args.models.split(","):
       name, arch, task, batch, tokens = MODELS[label]
       folder = architecture_folder(tmp, arch) if arch else None
-      for layout, (mesh, remat) in LAYOUTS.items():
-        if (label, layout) in done:
+      for layout, (mesh, remat, rng, *dtype) in LAYOUTS.items():
+        if (label, layout) in done or (layout.endswith("threefry") and label not in DROPOUT_MODELS):
           continue
         print(f"{label} {layout} ...", flush=True)
-        spec = json.dumps([name, folder, task, batch, tokens, mesh["data"], mesh["fsdp"], remat])
+        spec = json.dumps([name, folder, task, batch, tokens, mesh["data"], mesh["fsdp"], remat, rng,
+                           (dtype or ["float32"])[0]])
         out = subprocess.run([sys.executable, "-c", ROW_SCRIPT, spec], cwd=ROOT, env=env, capture_output=True,
                              text=True)
         if out.returncode:

@@ -22,7 +22,10 @@ def base() -> ml_collections.ConfigDict:
   # per layer by threefry from the seed; fast on every backend) or 'threefry' (JAX's default counter-based
   # generator; lowers to rolled loops on CPU). Both are deterministic and the same on 1 or N devices; the two
   # draw different masks, so a run resumes with the value it started with (recorded in config.json; a relaunch
-  # that changes it is an error).
+  # that changes it is an error). Memory: 'rbg' materialises its bits (one op nothing fuses into) and keeps them
+  # for the backward pass, where XLA fuses 'threefry' into each mask's use and keeps nothing; with attention
+  # dropout on long sequences that is most of the activations (transfer.plan shows it; README, "More than one
+  # device"), so a run short of memory, remat above all, wants 'threefry'.
   c.dropout_rng_impl = "rbg"
   # What the run learns (transfer/tasks): 'classification', 'regression' (one score: MSE; Pearson/Spearman),
   # 'causal_lm' (next-token prediction with a decoder; data.name='lm_text'), or 'auto' = the data's own task

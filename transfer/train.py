@@ -262,10 +262,21 @@ def sharded_steps(config: ml_collections.ConfigDict, model, task: tasks.Task, me
   replicated, batch = sharding.replicated(mesh), sharding.batch_sharding(mesh)
   train_step, eval_step = make_steps(model, tx, schedule, task, backbone_train=backbone_train, accum=accum,
                                      frozen_stats=frozen_stats, dropout_rng_impl=config.dropout_rng_impl)
+  if mesh.shape["fsdp"] > 1 or mesh.shape["tensor"] > 1:   # parameters split: keep activations split by rows
+    train_step, eval_step = (_tracing_in(mesh, step) for step in (train_step, eval_step))
   p_train_step = jax.jit(train_step, in_shardings=(state_sharding, batch), out_shardings=(state_sharding, replicated),
                          donate_argnums=0, compiler_options=layers.train_compiler_options())
   p_eval_step = jax.jit(eval_step, in_shardings=(state_sharding, batch), out_shardings=replicated)
   return p_train_step, p_eval_step, state_sharding, shard_specs
+
+
+def _tracing_in(mesh, step):
+  """``step`` traced under ``layers.sharded_activations(mesh)``: the families pin their residual stream's rows
+  to the mesh's batch axes (``layers.batch_sharded``)."""
+  def traced(state, batch):
+    with layers.sharded_activations(mesh):
+      return step(state, batch)
+  return traced
 
 
 def place_state(state: dict, state_sharding: dict, tx: optax.GradientTransformation) -> dict:

@@ -26,7 +26,7 @@ from flax import traverse_util
 from transfer.convert import ConversionError, KeyRow, apply_key_table
 from transfer.models.classifier import TEXT_POOLINGS
 from transfer.models.family import Family, hf_architecture, text_example
-from transfer.models.layers import remat
+from transfer.models.layers import batch_sharded, remat
 from transfer.models.lora import is_adapter
 
 # HF activation names -> functions. 'gelu' is the exact erf form; the other two are the same tanh approximation.
@@ -194,7 +194,7 @@ class BertEncoder(nn.Module):
     # (N, 1, 1, L) additive bias over keys: 0 where attended, the float32 minimum where padded (see module doc).
     keep = jnp.asarray(attention_mask).astype(bool)[:, None, None, :]
     mask_bias = jnp.where(keep, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
-    x = Embeddings(c, self.dtype, name='embeddings')(input_ids, token_type_ids, train=train)
+    x = batch_sharded(Embeddings(c, self.dtype, name='embeddings')(input_ids, token_type_ids, train=train))
     layer = remat(Layer, self.remat, static_argnums=(3,))   # train
     for i in range(c.num_hidden_layers):
       x = layer(c, self.dtype, name=f'layer_{i}')(x, mask_bias, train)

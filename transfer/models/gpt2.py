@@ -20,7 +20,7 @@ import numpy as np
 from transfer.convert import ConversionError, KeyRow, apply_key_table
 from transfer.models import decoder_common as common
 from transfer.models.decoder_common import CausalLM
-from transfer.models.layers import gradient_barrier, remat
+from transfer.models.layers import batch_sharded, gradient_barrier, remat
 
 MODEL_TYPES = ('gpt2',)
 
@@ -158,6 +158,7 @@ class GPT2Model(nn.Module):
     allowed, key_mask = common.allowed_keys(attention_mask, cache)
     index = None if cache is None else cache['index']
     x = self.embd_drop(self.wte(input_ids) + self.wpe(jnp.asarray(positions, jnp.int32)), deterministic=not train)
+    x = batch_sharded(x)   # not the embedding table's split (see layers.batch_sharded)
     layers = []
     for i, block in enumerate(self.h):
       x, layer_cache = block(x, allowed, None if cache is None else cache['layers'][i], index, train)

@@ -20,7 +20,7 @@ import numpy as np
 from transfer.convert import ConversionError, KeyRow, apply_key_table
 from transfer.models import decoder_common as common
 from transfer.models.decoder_common import CausalLM
-from transfer.models.layers import gradient_barrier, remat
+from transfer.models.layers import batch_sharded, gradient_barrier, remat
 
 MODEL_TYPES = ('llama', 'qwen2', 'mistral')
 # HF's per-model_type defaults for fields a config.json may leave out (transformers' LlamaConfig, Qwen2Config,
@@ -282,7 +282,7 @@ class LlamaModel(nn.Module):
     positions = jnp.asarray(positions, jnp.int32)
     allowed, key_mask = common.allowed_keys(attention_mask, cache)
     index = None if cache is None else cache['index']
-    x = self.embed_tokens(input_ids)
+    x = batch_sharded(self.embed_tokens(input_ids))   # not the table's split (see layers.batch_sharded)
     layers = []
     for i, layer in enumerate(self.layers):
       x, layer_cache = layer(x, positions, allowed, None if cache is None else cache['layers'][i], index, train)
