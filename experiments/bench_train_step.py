@@ -722,6 +722,9 @@ def _jax_case(workload, mode: str, size: int, args) -> dict:
     step_times.append(time.perf_counter() - t0)
   out.update(_timing(compile_s + first_run_s, step_times, args.batch), compile_s=compile_s,
              first_run_s=first_run_s, rss_end_mb=_current_rss_mb())
+  if args.profile:   # after the timed steps, so the profiler's overhead stays out of the figures above
+    import op_profile
+    out["op_profile"] = op_profile.profile(run, compiled.as_text(), "jit_", steps=args.profile)
   if mode != "inference":
     out.update(loss_first=float(losses[0]), loss_last=float(losses[-1]))
   return out
@@ -1046,10 +1049,11 @@ def run_case(name: str, framework: str, mode: str, size: int, args) -> dict:
   cmd = [sys.executable, os.path.abspath(__file__), "--child", f"{name}:{framework}:{mode}:{size}", "--batch",
          str(case_batch(WORKLOADS[name], mode, args)), "--steps", str(args.steps), "--warmup", str(args.warmup),
          "--threads", str(args.threads), "--new-tokens", str(args.new_tokens), "--decode-calls",
-         str(args.decode_calls), "--dropout-rng-impl", args.dropout_rng_impl, "--dtype", args.dtype]
+         str(args.decode_calls), "--dropout-rng-impl", args.dropout_rng_impl, "--dtype", args.dtype,
+         "--profile", str(args.profile)]
   env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p),
          "HF_HUB_OFFLINE": "1"}  # every model is read from a local folder; never wait on the network
-  case = {"model": name, "framework": framework, "mode": mode, "size": size}
+  case = {"model": name, "framework": framework, "mode": mode, "size": size, "dtype": args.dtype}
   busy = busy_cores()
   t0 = time.perf_counter()
   try:
@@ -1060,7 +1064,7 @@ def run_case(name: str, framework: str, mode: str, size: int, args) -> dict:
   if proc.returncode or not lines:
     tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
     return {**case, "error": f"exit code {proc.returncode}: {tail}"}
-  row = json.loads(lines[-1][len(RESULT_MARKER):])
+  row = {**json.loads(lines[-1][len(RESULT_MARKER):]), "dtype": args.dtype}
   row["process_wall_s"] = time.perf_counter() - t0
   row["busy_cores_before"] = busy
   return row
@@ -1146,7 +1150,8 @@ def table(rows: list[dict]) -> str:
   for r in rows:
     workload = WORKLOADS[r["model"]]
     size = f"{r['size']}+{r['new_tokens']}" if "new_tokens" in r else r["size"]   # decode: prompt + new tokens
-    start = f"| {r['model']} | {size} {workload.size_unit} | {r['mode']} | {workload.frameworks[r['framework']]}"
+    mode = r["mode"] + (" bf16" if r.get("dtype") == "bfloat16" else "")
+    start = f"| {r['model']} | {size} {workload.size_unit} | {mode} | {workload.frameworks[r['framework']]}"
     if "error" in r:
       lines.append(f"{start} | error | - | - | - | - |")
       continue
@@ -1164,6 +1169,26 @@ def table(rows: list[dict]) -> str:
     lines.append(f"{start} | {r['examples_per_sec']:.1f}{tokens}{noisy} | {util} | {first:.2f} | "
                  f"{r['peak_rss_mb']:.0f} | {ratio} |")
   return "\n".join([head] + lines)
+
+
+PROFILE_KINDS = ("matmul", "convolution", "transpose/copy", "reduction", "elementwise", "random", "collective")
+
+
+def profile_table(rows: list[dict]) -> str:
+  """Where each profiled JAX step's op time goes (``--profile``): shares by kind and the longest op."""
+  profiled = [r for r in rows if "op_profile" in r]
+  if not profiled:
+    return ""
+  lines = ["| model | size | mode | op ms / step | " + " | ".join(PROFILE_KINDS) + " | longest op |",
+           "|---|---|---|---|" + "---|" * len(PROFILE_KINDS) + "---|"]
+  for r in profiled:
+    p = r["op_profile"]
+    shares = " | ".join(f"{100 * p['shares'].get(k, 0.0):.0f}%" for k in PROFILE_KINDS)
+    name, kind, share = p["top"][0]
+    mode = r["mode"] + (" bf16" if r.get("dtype") == "bfloat16" else "")
+    lines.append(f"| {r['model']} | {r['size']} | {mode} | {1e3 * p['op_seconds_per_step']:.1f} | {shares} | "
+                 f"{name} ({kind}, {100 * share:.0f}%) |")
+  return "\n".join(lines)
 
 
 def run_parent(args) -> int:
@@ -1195,6 +1220,8 @@ def run_parent(args) -> int:
   env["wall_seconds"] = time.time() - t0
   env["loadavg_end"] = os.getloadavg()
   text = table(rows)
+  if profiled := profile_table(rows):
+    text += "\n\nWhere the JAX step's op time goes (jax.profiler, experiments/op_profile.py):\n\n" + profiled
   print()
   print(text)
   print(f"\n{args.threads} threads ({env['cpu_model']}), batch {args.batch or 'per workload'}, {args.steps} timed "
@@ -1243,6 +1270,9 @@ def main(argv=None) -> int:
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                       help="computation dtype of every case: JAX's config.model.dtype, PyTorch's autocast for "
                            "bfloat16 (float32 weights on both sides)")
+  parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                      help="JAX rows: STEPS more steps under jax.profiler after the timed ones, and the share of op "
+                           "time by kind (matmul, convolution, transpose/copy, ...: experiments/op_profile.py)")
   parser.add_argument("--case-timeout", type=float, default=1800, help="seconds before a case is abandoned")
   parser.add_argument("--child", help=argparse.SUPPRESS)  # MODEL:FRAMEWORK:MODE:SIZE, run by the parent
   parser.add_argument("--write-weights", help=argparse.SUPPRESS)  # MODEL:SIZE:PATH, run by a JAX child

@@ -106,7 +106,8 @@ def table(rows: list[dict]) -> str:
   lines = ["| model | params | layout | state GiB | temporaries GiB | peak GiB | TFLOP / device / step | fits v5e "
            "(16 GB) | v5e-8 step s (compute / comm) | v5e-8 MFU |", "|---|---|---|---|---|---|---|---|---|---|"]
   model_flops = {r["label"]: r["flops"] for r in rows if r["layout"] == "replicated"}
-  for r in rows:
+  order = lambda r: (list(MODELS).index(r["label"]), list(LAYOUTS).index(r["layout"]))
+  for r in sorted(rows, key=order):
     p = projected_v5e8(r, model_flops.get(r["label"], r["flops"]))
     lines.append(f"| {r['label']} | {r['params'] / 1e6:.0f}M | {r['layout']} | {gib(r['state_bytes'])} | "
                  f"{gib(r['temporaries'])} | {gib(r['peak'])} | {r['flops'] / 1e12:.2f} | "
