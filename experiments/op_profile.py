@@ -24,7 +24,7 @@ import re
 import tempfile
 from typing import Callable
 
-MOVES = {"transpose", "copy", "bitcast", "reshape", "broadcast", "slice", "dynamic-slice", "dynamic-update-slice",
+MOVES = {"transpose", "copy", "convert", "bitcast", "reshape", "broadcast", "slice", "dynamic-slice", "dynamic-update-slice",
          "pad", "concatenate", "parameter", "constant", "tuple", "get-tuple-element", "iota", "reverse"}
 COLLECTIVES = {"all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute", "all-reduce-start",
                "all-gather-start", "collective-permute-start"}
