@@ -104,3 +104,45 @@ def test_different_start_weights_fail_the_run():
   (weights,), (loss,) = bench.check_same_weights(rows), bench.check_start_losses(rows)
   assert "resnet50 64" in weights and "torch-cl" in weights, weights
   assert "torch" in loss and "ln(10)" in loss, loss
+
+
+def test_op_profile_self_time_counts_an_outlined_call_without_the_ops_inside_it(tmp_path):
+  import gzip
+  sys.path.insert(0, os.path.join(ROOT, "experiments"))
+  import op_profile
+  op = lambda name, ts, dur, tid=1, module="jit_train_step": {
+      "ph": "X", "pid": 7, "tid": tid, "ts": ts, "dur": dur, "name": name,
+      "args": {"hlo_op": name, "hlo_module": module}}
+  events = [op("call.1", 0, 100), op("fusion.2", 10, 60), op("dot.3", 200, 50), op("dot.3", 0, 30, tid=2),
+            op("other", 0, 999, module="jit_eval_step"), {"ph": "M", "pid": 7, "name": "process_name"}]
+  (tmp_path / "plugins").mkdir()
+  with gzip.open(tmp_path / "plugins" / "x.perfetto_trace.json.gz", "wt") as f:
+    json.dump({"traceEvents": events}, f)
+  seconds = op_profile.op_seconds(str(tmp_path), "jit_train")
+  assert seconds == pytest.approx({"call.1": 40e-6, "fusion.2": 60e-6, "dot.3": 80e-6})
+
+
+def test_op_profile_puts_each_op_of_a_step_in_its_kind():
+  """experiments/op_profile.py (bench --profile): a small gradient step's ops by kind from the optimised HLO, and
+  their shares of the profiled time."""
+  import jax
+  import jax.numpy as jnp
+  sys.path.insert(0, os.path.join(ROOT, "experiments"))
+  import op_profile
+
+  def loss(w, x):
+    return jnp.sum(jnp.tanh(x @ w.T) ** 2)
+
+  step = jax.jit(jax.grad(loss))
+  w, x = jnp.ones((128, 128)), jnp.ones((256, 128))
+  compiled = step.lower(w, x).compile()
+  kinds = op_profile.categories(compiled.as_text())
+  assert sorted(set(kinds.values()) - {"transpose/copy"}) == ["elementwise", "matmul"], kinds
+  assert op_profile.categorise("fusion", {"transpose", "copy", "parameter"}) == "transpose/copy"
+  assert op_profile.categorise("fusion", {"reduce", "add", "parameter"}) == "reduction"
+  assert op_profile.categorise("fusion", {"rng-bit-generator"}) == "random"
+  assert op_profile.categorise("fusion", {"convolution", "add"}) == "convolution"
+  result = op_profile.profile(lambda: compiled(w, x), compiled.as_text(), "jit_", steps=3)
+  assert math.isclose(sum(result["shares"].values()), 1.0, rel_tol=1e-9)
+  assert result["shares"]["matmul"] > 0.3   # two 256x128x128 matmuls against two elementwise passes
+  assert 0 < result["op_seconds_per_step"] < 1.0
