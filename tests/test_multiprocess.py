@@ -166,9 +166,9 @@ def test_two_processes_reach_the_one_process_result_and_resume_on_one(lm_folder,
 
 
 def test_feature_cache_is_extracted_over_both_processes_devices_and_written_once(tmp_path):
-  """A frozen backbone's features (the tiny EfficientNet, digits) extracted with the batch split over 2 processes x
+  """A frozen backbone's features (the two-block test ViT, digits) extracted with the batch split over 2 processes x
   2 devices equal the 1-process extraction, are written once (by process 0), and the head trains alike."""
-  args = ["--config", "tests/tiny_config.py", "--config.mesh.data=-1",
+  args = ["--config", "tests/tiny_config.py:vit", "--config.mesh.data=-1",
           "--config.param_rules=[('head/.*', {}), ('.*', {'freeze': True})]"]
   one = run_cli(args + ["--workdir", str(tmp_path / "one")], env_extra=devices_env(4))
   assert one.returncode == 0, one.stderr[-3000:]
