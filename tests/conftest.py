@@ -151,3 +151,16 @@ def pytest_sessionfinish(session, exitstatus):
     for r in skipped:
       print(f"  {r.nodeid}: {r.longrepr}")
     session.exitstatus = 1
+
+
+@pytest.fixture(scope="module")
+def lm_folder(tmp_path_factory):
+  """(a small random-weight GPT-2 folder, a plain-text training file): the tiny causal-LM run of
+  tests/tiny_lm_config.py, shared by the sharding and multi-process tests."""
+  pytest.importorskip("torch")
+  from test_decoder_transfer import decoder_folder
+  from test_generate_cli import CORPUS
+  base = tmp_path_factory.mktemp("lm")
+  folder = decoder_folder(base / "gpt2", CORPUS, vocab=320, width=64, heads=4, positions=48)
+  (base / "train.txt").write_text("\n\n".join(CORPUS * 3) + "\n")
+  return folder, str(base / "train.txt")

@@ -110,17 +110,6 @@ def test_processes_launched_with_different_counts_or_configs_all_stop_with_the_r
   assert "error: process 0 stopped at start (its error is in its own output); stopping too" in busy[1].stderr
 
 
-@pytest.fixture(scope="module")
-def lm_folder(tmp_path_factory):
-  pytest.importorskip("torch")
-  from test_decoder_transfer import decoder_folder
-  from test_generate_cli import CORPUS
-  base = tmp_path_factory.mktemp("lm")
-  folder = decoder_folder(base / "gpt2", CORPUS, vocab=320, width=64, heads=4, positions=48)
-  (base / "train.txt").write_text("\n\n".join(CORPUS * 3) + "\n")
-  return folder, str(base / "train.txt")
-
-
 def test_two_processes_reach_the_one_process_result_and_resume_on_one(lm_folder, tmp_path):
   """FSDP over 4 devices: 2 processes x 2 devices, against 1 process x 4 devices (the same mesh, so the same
   program; only the collectives differ: gloo between processes). Then a 2-process run killed after its step-4

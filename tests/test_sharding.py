@@ -162,17 +162,6 @@ def test_optimizer_moments_follow_their_parameter_and_counters_are_replicated():
 # ----------------------------------------------------------------------------------------------------------------
 # The same run on 1 device, under FSDP-8 and on a 2x4 data x tensor mesh (8 simulated CPU devices).
 
-@pytest.fixture(scope="module")
-def lm_folder(tmp_path_factory):
-  pytest.importorskip("torch")
-  from test_decoder_transfer import decoder_folder
-  from test_generate_cli import CORPUS
-  base = tmp_path_factory.mktemp("lm")
-  folder = decoder_folder(base / "gpt2", CORPUS, vocab=320, width=64, heads=4, positions=48)
-  (base / "train.txt").write_text("\n\n".join(CORPUS * 3) + "\n")
-  return folder, str(base / "train.txt")
-
-
 def test_fsdp_and_tensor_parallel_runs_match_the_one_device_run(lm_folder, tmp_path):
   folder, text = lm_folder
   meshes = {"one": (1, "fsdp", []), "fsdp8": (8, "fsdp", ["--config.mesh.data=1", "--config.mesh.fsdp=8"]),
@@ -241,6 +230,15 @@ def test_lora_with_gradient_accumulation_under_fsdp8_matches_one_device(lm_folde
   assert rows["one"][-1]["train/loss"] < rows["one"][0]["train/loss"] - 0.1   # the adapters learnt
 
 
+def plans_on_8_devices(script: str) -> dict:
+  """Runs ``script`` (which prints a JSON line last) in a process with 8 simulated devices; returns that JSON."""
+  env = {**os.environ, "PYTHONPATH": ROOT, **devices_env(8)}
+  done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def test_fsdp8_holds_an_eighth_of_the_state_per_device_by_the_compilers_memory_analysis(lm_folder, tmp_path):
   """transfer.plan compiles the trainer's own step on 8 simulated devices: under FSDP-8 the per-device arguments
   (parameters, SGD momentum, the batch) are about 1/8 of the replicated layout's. Slack: 15% of an eighth plus the
@@ -257,11 +255,7 @@ for name, mesh in (("replicated", dict(data=8, fsdp=1)), ("fsdp8", dict(data=1, 
   out[name] = plan.plan(c)
 print(json.dumps(out))
 """
-  env = {**os.environ, "PYTHONPATH": ROOT, **devices_env(8)}
-  done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
-                        timeout=600)
-  assert done.returncode == 0, done.stderr[-3000:]
-  plans = json.loads(done.stdout.strip().splitlines()[-1])
+  plans = plans_on_8_devices(script)
   rep, fsdp = plans["replicated"], plans["fsdp8"]
   assert rep["devices"] == fsdp["devices"] == 8 and rep["params"] == fsdp["params"] > 50_000
   assert fsdp["state_bytes"] <= rep["state_bytes"] / 8 * 1.15 + 4096, plans
@@ -292,11 +286,7 @@ for family, folder, task in (("bert", {bert!r}, "classification"), ("gpt2", {gpt
     out[family + "/" + name] = plan.plan(c)
 print(json.dumps(out))
 """
-  env = {**os.environ, "PYTHONPATH": ROOT, **devices_env(8)}
-  done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
-                        timeout=600)
-  assert done.returncode == 0, done.stderr[-3000:]
-  plans = json.loads(done.stdout.strip().splitlines()[-1])
+  plans = plans_on_8_devices(script)
   for family in ("bert", "gpt2"):
     rep, fsdp = plans[family + "/replicated"], plans[family + "/fsdp8"]
     assert fsdp["state_bytes"] < rep["state_bytes"] / 4, family   # the parameters are split
