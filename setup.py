@@ -6,6 +6,7 @@ setup(
     version="0.1.0",
     description="JAX/Flax transfer learning: load converted pretrained weights, fine-tune or probe",
     packages=find_packages(include=["transfer", "transfer.*"]),
+    package_data={"transfer.native": ["bf16_matmul.cc"]},   # `python -m transfer.native` builds it in place
     python_requires=">=3.10",
     # Tested together on Python 3.11 (see README): jax 0.10.2, flax 0.12.8, optax 0.2.8, orbax-checkpoint 0.12.8,
     # tensorflow-datasets 4.9.10, ml-collections 1.1.0, numpy 2.4.

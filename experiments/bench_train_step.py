@@ -639,6 +639,10 @@ def _jax_case(workload, mode: str, size: int, args) -> dict:
   config.optimizer.grad_clip_norm = CLIP_NORM
   config.dropout_rng_impl = args.dropout_rng_impl
   config.model.dtype = args.dtype   # bfloat16: computed in bfloat16 on float32 master weights (the trainer's mode)
+  # bf16 projections on the MKL extension or through XLA (transfer/native), as the trainer sets it up.
+  config.model.bf16_matmul = args.bf16_matmul
+  from transfer import native
+  native.configure(args.bf16_matmul, devices=jax.device_count())
   decoder = isinstance(workload, DecoderWorkload)   # causal LM: its own rules, task and model (no new head)
   config.param_rules = workload.param_rules(mode) if decoder else PARAM_RULES[mode]
   task = tasks.CausalLM(config) if decoder else tasks.Classification(config)
@@ -648,6 +652,8 @@ def _jax_case(workload, mode: str, size: int, args) -> dict:
   # a random-weight workload's checkpoint is the PyTorch reference's init, converted by load_pretrained.
   inputs = workload.batch(args.batch, size)
   out = {"devices": jax.device_count(), "rss_after_import_mb": rss_after_import}
+  if args.dtype == "bfloat16":
+    out["bf16_matmul_on"], out["bf16_matmul_why"] = native.status()
   with tempfile.TemporaryDirectory(prefix="bench_weights_") as tmp:
     if workload.random_weights:
       t0 = time.perf_counter()
@@ -1050,10 +1056,12 @@ def run_case(name: str, framework: str, mode: str, size: int, args) -> dict:
          str(case_batch(WORKLOADS[name], mode, args)), "--steps", str(args.steps), "--warmup", str(args.warmup),
          "--threads", str(args.threads), "--new-tokens", str(args.new_tokens), "--decode-calls",
          str(args.decode_calls), "--dropout-rng-impl", args.dropout_rng_impl, "--dtype", args.dtype,
+         "--bf16-matmul", args.bf16_matmul,
          "--profile", str(args.profile)]
   env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p),
          "HF_HUB_OFFLINE": "1"}  # every model is read from a local folder; never wait on the network
-  case = {"model": name, "framework": framework, "mode": mode, "size": size, "dtype": args.dtype}
+  case = {"model": name, "framework": framework, "mode": mode, "size": size, "dtype": args.dtype,
+          **({"bf16_matmul": args.bf16_matmul} if framework == "jax" and args.dtype == "bfloat16" else {})}
   busy = busy_cores()
   t0 = time.perf_counter()
   try:
@@ -1065,6 +1073,7 @@ def run_case(name: str, framework: str, mode: str, size: int, args) -> dict:
     tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
     return {**case, "error": f"exit code {proc.returncode}: {tail}"}
   row = {**json.loads(lines[-1][len(RESULT_MARKER):]), "dtype": args.dtype}
+  row.update({k: v for k, v in case.items() if k == "bf16_matmul"})
   row["process_wall_s"] = time.perf_counter() - t0
   row["busy_cores_before"] = busy
   return row
@@ -1143,6 +1152,14 @@ def check_same_weights(rows: list[dict]) -> list[str]:
   return problems
 
 
+def mode_label(row: dict) -> str:
+  """A row's mode as the tables show it: 'full', 'full bf16', 'full bf16 (MKL)' (bf16 projections on
+  transfer/native's extension)."""
+  if row.get("dtype") != "bfloat16":
+    return row["mode"]
+  return row["mode"] + " bf16" + (" (MKL)" if row.get("bf16_matmul_on") else "")
+
+
 def table(rows: list[dict]) -> str:
   head = ("| model | size | mode | framework | examples/s | GFLOP/s (MFU) | compile s (JAX) / first step s (PyTorch) "
           "| peak RSS MB | JAX/PyTorch |\n|---|---|---|---|---|---|---|---|---|")
@@ -1150,7 +1167,7 @@ def table(rows: list[dict]) -> str:
   for r in rows:
     workload = WORKLOADS[r["model"]]
     size = f"{r['size']}+{r['new_tokens']}" if "new_tokens" in r else r["size"]   # decode: prompt + new tokens
-    mode = r["mode"] + (" bf16" if r.get("dtype") == "bfloat16" else "")
+    mode = mode_label(r)
     start = f"| {r['model']} | {size} {workload.size_unit} | {mode} | {workload.frameworks[r['framework']]}"
     if "error" in r:
       lines.append(f"{start} | error | - | - | - | - |")
@@ -1185,7 +1202,7 @@ def profile_table(rows: list[dict]) -> str:
     p = r["op_profile"]
     shares = " | ".join(f"{100 * p['shares'].get(k, 0.0):.0f}%" for k in PROFILE_KINDS)
     name, kind, share = p["top"][0]
-    mode = r["mode"] + (" bf16" if r.get("dtype") == "bfloat16" else "")
+    mode = mode_label(r)
     lines.append(f"| {r['model']} | {r['size']} | {mode} | {1e3 * p['op_seconds_per_step']:.1f} | {shares} | "
                  f"{name} ({kind}, {100 * share:.0f}%) |")
   return "\n".join(lines)
@@ -1270,6 +1287,9 @@ def main(argv=None) -> int:
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                       help="computation dtype of every case: JAX's config.model.dtype, PyTorch's autocast for "
                            "bfloat16 (float32 weights on both sides)")
+  parser.add_argument("--bf16-matmul", default="auto", choices=("auto", "mkl", "xla"),
+                      help="with --dtype bfloat16, JAX's config.model.bf16_matmul: the MKL extension where the CPU "
+                           "has AMX ('auto'), always ('mkl'), never ('xla')")
   parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                       help="JAX rows: STEPS more steps under jax.profiler after the timed ones, and the share of op "
                            "time by kind (matmul, convolution, transpose/copy, ...: experiments/op_profile.py)")

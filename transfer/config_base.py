@@ -50,6 +50,10 @@ def base() -> ml_collections.ConfigDict:
   # 'auto' (= 'train' if some backbone parameter trains). A frozen backbone in inference mode is a fixed extractor.
   c.model.backbone_mode = "auto"
   c.model.dtype = "float32"                             # computation dtype: float32 or bfloat16
+  # bf16 projections on the CPU (transfer/native, an MKL extension built by `make`): 'auto' uses it where the CPU
+  # has AMX tiles and the step runs on one device, 'mkl' always (MKL emulates bf16 without AMX: for tests and
+  # measurement), 'xla' never (XLA computes bf16 dots in float32 on the CPU). Ignored for float32 and off the CPU.
+  c.model.bf16_matmul = "auto"
   # Rematerialisation of the transformer families' repeated blocks (ViT, BERT, GPT-2, Llama): 'none' keeps every
   # activation for the backward pass; 'block' keeps only each block's input and recomputes the rest; 'dots' keeps
   # the matmul outputs and recomputes the elementwise work between them. Same results, less activation memory.

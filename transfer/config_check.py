@@ -293,7 +293,7 @@ def _check_best_metric(config, check: _Checker) -> None:
 def validate(config) -> None:
   """Raises ValueError listing every field of ``config`` whose type or value is wrong, each named
   ``config.FIELD=value: expected ...``. Cheap (no data, no model): call it before any work."""
-  from transfer import config_base, hyper_rule, models, tasks
+  from transfer import config_base, hyper_rule, models, native, tasks
   from transfer.data import SOURCES
   from transfer.data.images import AUGMENTATIONS
   from transfer.models import efficientnet_lite
@@ -316,6 +316,7 @@ def validate(config) -> None:
   check.number("model.bn_momentum", 0, 1)
   check.choice("model.backbone_mode", ("auto", "train", "inference"))
   check.choice("model.dtype", sorted(models.DTYPES))
+  check.choice("model.bf16_matmul", native.MODES)
   check.choice("model.remat", models.REMAT_POLICIES)
   check.choice("model.pooling", TEXT_POOLINGS)
   check.integer("model.posemb_grid", 1, optional=True)

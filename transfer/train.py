@@ -23,7 +23,8 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from transfer import config_check, convert, data, distributed, hyper_rule, models, optim, rules, runs, sharding, tasks
+from transfer import (config_check, convert, data, distributed, hyper_rule, models, native, optim, rules, runs, sharding,
+                      tasks)
 from transfer import checkpoint as checkpoint_lib
 from transfer import features as features_lib
 from transfer import metrics as metrics_lib
@@ -451,6 +452,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       raise ValueError(f"config.{field} (per micro-batch {size}) must be divisible by the {ways} ways the batch is "
                        f"split (config.mesh data x fsdp: {sharding.describe(mesh)})")
   log(f"mesh: {sharding.describe(mesh)}")
+  # bf16 matmuls on the MKL extension (transfer/native: AMX tiles) or through XLA; the steps traced below follow it.
+  native.configure(config.model.get("bf16_matmul", "auto"), devices=n_dev)
 
   # ==============================================================================================================
   # Parameter rules: each parameter's lr, wd, freezing and loading (transfer.optim.param_specs), shown as a table.

@@ -26,7 +26,7 @@ from flax import traverse_util
 from transfer.convert import ConversionError, KeyRow, apply_key_table
 from transfer.models.classifier import TEXT_POOLINGS
 from transfer.models.family import Family, hf_architecture, text_example
-from transfer.models.layers import batch_sharded, remat
+from transfer.models.layers import batch_sharded, dense_dot_general, remat
 from transfer.models.lora import is_adapter
 
 # HF activation names -> functions. 'gelu' is the exact erf form; the other two are the same tanh approximation.
@@ -130,7 +130,7 @@ class Attention(nn.Module):
     c = self.config
     heads, head_dim = c.num_attention_heads, c.hidden_size // c.num_attention_heads
     dense = lambda name: nn.Dense(c.hidden_size, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=_INIT,
-                                  name=name)
+                                  dot_general=dense_dot_general, name=name)
     split = lambda t: t.reshape(t.shape[0], t.shape[1], heads, head_dim)
     q, k, v = split(dense('query')(x)), split(dense('key')(x)), split(dense('value')(x))
     scores = jnp.einsum('nqhd,nkhd->nhqk', q.astype(jnp.float32), k.astype(jnp.float32)) / math.sqrt(head_dim)
@@ -149,7 +149,7 @@ class Layer(nn.Module):
   def __call__(self, x, mask_bias, train: bool):
     c = self.config
     dense = lambda feats, name: nn.Dense(feats, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=_INIT,
-                                         name=name)
+                                         dot_general=dense_dot_general, name=name)
     ln = lambda name: nn.LayerNorm(c.layer_norm_eps, dtype=self.dtype, param_dtype=jnp.float32,
                                    use_fast_variance=False, name=name)  # two-pass variance, like torch
     drop = nn.Dropout(c.hidden_dropout_prob, deterministic=not train)
@@ -199,7 +199,7 @@ class BertEncoder(nn.Module):
     for i in range(c.num_hidden_layers):
       x = layer(c, self.dtype, name=f'layer_{i}')(x, mask_bias, train)
     pooled = nn.Dense(c.hidden_size, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=_INIT,
-                      name='pooler')(x[:, 0])
+                      dot_general=dense_dot_general, name='pooler')(x[:, 0])
     return x, jnp.tanh(pooled)
 
 

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from transfer.models import lora
+from transfer.models.layers import dense_dot_general
 
 # HF activation names (transformers.activations.ACT2FN) -> functions, for the ones these decoders accept.
 # 'gelu' is the exact erf form; 'gelu_new' and 'gelu_pytorch_tanh' are the same tanh approximation.
@@ -42,7 +43,8 @@ INIT = nn.initializers.normal(0.02)  # HF's initializer_range default, for layer
 
 def dense(features: int, name: str, dtype, *, bias: bool = True) -> nn.Dense:
   """A decoder's projection: float32 parameters, computed in ``dtype``, HF's initialisation from scratch."""
-  return nn.Dense(features, use_bias=bias, dtype=dtype, param_dtype=jnp.float32, kernel_init=INIT, name=name)
+  return nn.Dense(features, use_bias=bias, dtype=dtype, param_dtype=jnp.float32, kernel_init=INIT,
+                  dot_general=dense_dot_general, name=name)
 _REQUIRED = object()
 
 

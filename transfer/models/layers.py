@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from transfer import native
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # The gradient barrier. XLA's CPU backend fuses an elementwise chain into each consumer of its result; in a
@@ -33,6 +35,19 @@ def gradient_barrier(x):
 def train_compiler_options() -> dict[str, str] | None:
   """What a jitted train step passes as ``compiler_options``: keeps ``gradient_barrier``'s barriers to fusion."""
   return {"xla_disable_hlo_passes": "cse_barrier_expander"} if jax.default_backend() == "cpu" else None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The families' projections. ``dense_dot_general`` is the ``dot_general`` of every Dense and attention projection a
+# family builds: a bf16 dot goes to the MKL extension (``transfer.native``: AMX tiles, transposes as flags) where
+# ``native.routes`` says so (``config.model.bf16_matmul``), and to ``lax.dot_general`` otherwise.
+
+def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs):
+  """``lax.dot_general``, or the same product on the bf16 extension where ``transfer.native`` routes it."""
+  if native.routes(lhs, rhs, dimension_numbers):
+    return native.dense_matmul(lhs, rhs, len(dimension_numbers[0][0]), preferred_element_type or lhs.dtype)
+  return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                         preferred_element_type=preferred_element_type, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------------

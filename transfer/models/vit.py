@@ -32,7 +32,7 @@ from transfer.models.family import (INCEPTION_NORMALIZATION, Family, classifier_
                                     refuse_override, timm_input_overlay, timm_state_dict, torch_conv_weight,
                                     torch_linear_weight)
 from transfer.models.keys import choose_layout, torch_conv_kernel, torch_linear_kernel
-from transfer.models.layers import gradient_barrier, remat
+from transfer.models.layers import dense_dot_general, gradient_barrier, remat
 
 # name -> patch size, width, depth, heads, MLP width, native resolution (ViT paper sizes; DeiT's Ti; a test size).
 VARIANTS = {
@@ -73,7 +73,8 @@ class MlpBlock(nn.Module):
   @nn.compact
   def __call__(self, x):
     dense = lambda feats, name: nn.Dense(feats, dtype=self.dtype, param_dtype=jnp.float32,
-                                         kernel_init=nn.initializers.xavier_uniform(), name=name)
+                                         kernel_init=nn.initializers.xavier_uniform(),
+                                         dot_general=dense_dot_general, name=name)
     return dense(x.shape[-1], 'fc2')(nn.gelu(dense(self.mlp_dim, 'fc1')(x), approximate=False))
 
 
@@ -92,7 +93,9 @@ class EncoderBlock(nn.Module):
     x = gradient_barrier(x)   # the residual stream's gradient, materialised per block (layers.gradient_barrier)
     y = norm('norm1')(x)
     y = nn.MultiHeadDotProductAttention(self.heads, dtype=self.dtype, param_dtype=jnp.float32,
-                                        kernel_init=nn.initializers.xavier_uniform(), name='attn')(y, y)
+                                        kernel_init=nn.initializers.xavier_uniform(),
+                                        qkv_dot_general=dense_dot_general, out_dot_general=dense_dot_general,
+                                        name='attn')(y, y)
     x = gradient_barrier(x + drop(y))
     return x + drop(MlpBlock(self.mlp_dim, dtype=self.dtype, name='mlp')(norm('norm2')(x)))
 
