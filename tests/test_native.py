@@ -207,3 +207,16 @@ def test_bf16_fine_tune_on_the_extension_tracks_float32_on_sst2(tmp_path):
   assert abs(r16["eval/accuracy"] - r32["eval/accuracy"]) < 0.05, (r32, r16)
   assert np.abs(loss16 - loss32).max() > 1e-4   # not the float32 run again
   assert json.loads((tmp_path / "bfloat16" / "config.json").read_text())["model"]["bf16_matmul"] == "mkl"
+
+
+@pytest.mark.parametrize("policy, calls", [("dots", 3 * 8), ("block", 3 * 8 + 6)])
+def test_remat_dots_keeps_the_extensions_projections_and_block_recomputes_them(policy, calls):
+  """config.model.remat='dots' saves matmul outputs: a projection on the extension is kept like XLA's dot (the
+  forward once, then dx and dW: 3 calls for each of GPT-2's 8 projections at 2 blocks); 'block' recomputes the
+  forward in the backward pass, of every projection but each block's last (c_proj of the MLP), whose output no
+  gradient needs: 6 more."""
+  model = gpt2.causal_lm(gpt2.GPT2Config(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                         max_position_embeddings=16, intermediate_size=64), jnp.bfloat16, policy)
+  _, text = _tiny("gpt2")
+  *_, hlo = _gradient(model, text, "mkl")
+  assert hlo.count(native.TARGET) == calls, hlo.count(native.TARGET)

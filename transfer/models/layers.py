@@ -94,7 +94,10 @@ REMAT_POLICIES = ("none", "block", "dots")
 # over (N, heads) and are recomputed: they are the (N, heads, L, L) tensors that dominate at long sequences, which
 # dots_saveable would keep too.
 _CHECKPOINT_POLICIES = {"block": None,   # jax.checkpoint's default: nothing saveable
-                        "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+                        # (with the bf16 projections transfer.native computes in place of a dot_general)
+                        "dots": jax.checkpoint_policies.save_from_both_policies(
+                            jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+                            jax.checkpoint_policies.save_only_these_names(native.SAVEABLE_NAME))}
 
 
 def remat(block_cls, policy_name: str, *, static_argnums: tuple[int, ...] = ()):

@@ -32,9 +32,13 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 MODES = ("auto", "mkl", "xla")
 TARGET = "transfer_bf16_matmul"
+# The name a projection's output carries (checkpoint_name): remat's 'dots' policy keeps it, as it
+# keeps the dot_general XLA would have run in its place (transfer.models.layers.remat).
+SAVEABLE_NAME = "transfer_bf16_projection"
 SOURCE = Path(__file__).with_name("bf16_matmul.cc")
 # TRANSFER_BF16_MATMUL_LIB points elsewhere (a test's way to see the project run without the extension).
 LIBRARY = Path(os.environ.get("TRANSFER_BF16_MATMUL_LIB", Path(__file__).with_name("_bf16_matmul.so")))
@@ -46,6 +50,7 @@ _said: set[str] = set()
 # ---------------------------------------------------------------------------------------------------------------
 # Availability: built, loaded, the CPU's instructions, the mode.
 
+@functools.cache
 def cpu_has_amx() -> bool:
   """Whether the CPU has AMX bf16 tiles (Linux's ``amx_bf16`` and ``amx_tile`` flags)."""
   try:
@@ -148,7 +153,8 @@ def matmul(a, b, *, transpose_a: bool = False, transpose_b: bool = False):
   a3, b3 = (a, b) if batched else (a[None], b[None])
   m = a3.shape[2] if transpose_a else a3.shape[1]
   n = b3.shape[1] if transpose_b else b3.shape[2]
-  out = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((a3.shape[0], m, n), jnp.float32))(
+  out = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((a3.shape[0], m, n), jnp.float32),
+                         vmap_method="sequential")(   # under jax.vmap: one call per mapped entry
       a3.astype(jnp.bfloat16), b3.astype(jnp.bfloat16), transpose_a=transpose_a, transpose_b=transpose_b)
   return out if batched else out[0]
 
@@ -179,7 +185,8 @@ def dense_matmul(x, kernel, contracting: int, out_dtype):
   out_shape = kernel.shape[contracting:]
   x2 = x.reshape(math.prod(batch_shape), math.prod(inner))
   w2 = kernel.reshape(math.prod(inner), math.prod(out_shape))
-  return _dense2d(x2, w2).astype(out_dtype).reshape(*batch_shape, *out_shape)
+  out = _dense2d(x2, w2).astype(out_dtype).reshape(*batch_shape, *out_shape)
+  return checkpoint_name(out, SAVEABLE_NAME)
 
 
 def reference_matmul(a, b, *, transpose_a: bool = False, transpose_b: bool = False) -> np.ndarray:
