@@ -34,6 +34,7 @@ def _bench():
   return bench
 
 
+@pytest.mark.long
 def test_tiny_decoder_rows_train_and_generate_from_the_same_start(tmp_path, request):
   bench = _bench()
   runs = {m: mode for m, mode in TINY_RUNS.items()

@@ -275,6 +275,7 @@ def test_lora_run_trains_adapters_and_head_only(tmp_path, capsys):
   assert any(k.startswith("batch_stats/") for k in recorded["sha256"])
 
 
+@pytest.mark.long
 def test_lora_kill_and_resume_gives_bit_identical_adapters(tmp_path):
   """SIGKILL right after the step-6 save started, then a relaunch: the base is rebuilt (seeded init), checked
   against base.json, and the final adapters and head equal the uninterrupted run's bit for bit."""

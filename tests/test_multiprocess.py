@@ -85,6 +85,7 @@ def run_processes(args, n, devices_each, timeout=600, per_process=None):
   return outs
 
 
+@pytest.mark.long
 def test_processes_launched_with_different_counts_or_configs_all_stop_with_the_reason(tmp_path):
   args = ["--config", "tests/tiny_config.py:vit", "--workdir", str(tmp_path / "w")]
   counts = run_processes(args, n=2, devices_each=1, timeout=120,
@@ -110,6 +111,7 @@ def test_processes_launched_with_different_counts_or_configs_all_stop_with_the_r
   assert "error: process 0 stopped at start (its error is in its own output); stopping too" in busy[1].stderr
 
 
+@pytest.mark.long
 def test_two_processes_reach_the_one_process_result_and_resume_on_one(lm_folder, tmp_path):
   """FSDP over 4 devices: 2 processes x 2 devices, against 1 process x 4 devices (the same mesh, so the same
   program; only the collectives differ: gloo between processes). Then a 2-process run killed after its step-4
@@ -154,6 +156,7 @@ def test_two_processes_reach_the_one_process_result_and_resume_on_one(lm_folder,
     np.testing.assert_allclose(final_resumed[k], v, rtol=0, atol=1e-6, err_msg=k)
 
 
+@pytest.mark.long
 def test_feature_cache_is_extracted_over_both_processes_devices_and_written_once(tmp_path):
   """A frozen backbone's features (the two-block test ViT, digits) extracted with the batch split over 2 processes x
   2 devices equal the 1-process extraction, are written once (by process 0), and the head trains alike."""

@@ -5,6 +5,7 @@ forces the extension (MKL then emulates bf16), which is what the numerical tests
 and say why, once. Speed is not tested here (experiments/bench_train_step.py measures it)."""
 import json
 import os
+import platform
 import subprocess
 import sys
 
@@ -15,10 +16,13 @@ import numpy as np
 import pytest
 
 from conftest import shared_data
-from transfer import config_base, native, rules, train
+from transfer import native, rules, train
 from transfer import metrics as metrics_lib
 from transfer.models import bert, gpt2, layers, llama, vit
 from transfer.models.classifier import ImageClassifier, TextClassifier
+
+if platform.machine().lower() not in ("x86_64", "amd64"):
+  pytest.skip(f"MKL has no {platform.machine()} build: the extension is x86-64 only", allow_module_level=True)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SST2 = shared_data("sst2")
@@ -177,6 +181,7 @@ STEPS = 15
 
 
 @pytest.mark.skipif(SST2 is None, reason="../shared/data/sst2 not on this machine")
+@pytest.mark.long
 def test_bf16_fine_tune_on_the_extension_tracks_float32_on_sst2(tmp_path):
   """configs/minilm_sst2.py shortened (240 sentences at 24 tokens, batch 16, 15 steps; the first 128 dev sentences):
   the bf16 run on the extension (mode 'mkl', every projection and its gradients) follows the float32 run's loss

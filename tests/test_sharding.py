@@ -207,6 +207,7 @@ def test_fsdp_and_tensor_parallel_runs_match_the_one_device_run(lm_folder, tmp_p
     np.testing.assert_array_equal(flat_b[k], v, err_msg=k)
 
 
+@pytest.mark.long
 def test_lora_with_gradient_accumulation_under_fsdp8_matches_one_device(lm_folder, tmp_path):
   """Everything composes: rank-4 adapters (the base frozen) and 2 micro-batches per step, on 1 device and under
   FSDP-8, where the same rule splits the adapters like any parameter. Same losses within float tolerance, and
@@ -239,6 +240,7 @@ def plans_on_8_devices(script: str) -> dict:
   return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.long
 def test_fsdp8_holds_an_eighth_of_the_state_per_device_by_the_compilers_memory_analysis(lm_folder, tmp_path):
   """transfer.plan compiles the trainer's own step on 8 simulated devices: under FSDP-8 the per-device arguments
   (parameters, SGD momentum, the batch) are about 1/8 of the replicated layout's. Slack: 15% of an eighth plus the
@@ -263,6 +265,7 @@ print(json.dumps(out))
   assert rep["arguments"] >= rep["state_bytes"]   # the compiler's figure holds at least the state
 
 
+@pytest.mark.long
 def test_fsdp_keeps_activations_split_by_rows_when_an_embedding_table_is_split_by_its_width(tmp_path):
   """A vocabulary fsdp=8 does not divide (1001) gets its table split along the hidden dimension; the families pin
   the looked-up activations to the batch axes (layers.batch_sharded), so FSDP-8's step needs no more activation

@@ -107,6 +107,7 @@ def test_evaluating_on_the_training_file_is_warned_not_refused(tmp_path, capsys)
 
 
 @pytest.mark.skipif(SST2 is None, reason="../shared/data/sst2 not on this machine (the synthetic test above runs)")
+@pytest.mark.long
 def test_minilm_sst2_slice_beats_chance(tmp_path):
   """A short version of configs/minilm_sst2.py: 320 training sentences at 32 tokens, one pass (10 steps); dev
   accuracy above chance. Measured 0.737 (40 s on an idle 2-core machine; 640 sentences at 48 tokens took 87 s)."""

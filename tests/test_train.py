@@ -284,6 +284,7 @@ def test_sigkill_mid_training_then_resume_matches_uninterrupted_run(tmp_path, un
   assert "started with 'rbg'" in other.stderr, other.stderr[-3000:]
 
 
+@pytest.mark.long
 def test_one_and_eight_devices_give_the_same_metrics(tmp_path, uninterrupted):
   """With dropout and stochastic depth on: the rbg masks are the same on 1 and 8 devices (batch-sharded)."""
   out = run_cli(TINY_ARGS + DROPOUT + ["--workdir", str(tmp_path / "d8")], env_extra=devices_env(8))
