@@ -93,11 +93,18 @@ REMAT_POLICIES = ("none", "block", "dots")
 # attention and MLP projections (a Dense contracts features only). The attention einsums (QK^T, probs @ V) batch
 # over (N, heads) and are recomputed: they are the (N, heads, L, L) tensors that dominate at long sequences, which
 # dots_saveable would keep too.
+_NATIVE_PROJECTIONS = jax.checkpoint_policies.save_only_these_names(native.SAVEABLE_NAME)
+
+
+def save_projections(prim, *args, **params) -> bool:
+  """remat='dots': keeps dots without batch dimensions, and the bf16 projections ``transfer.native`` computes in
+  place of such a dot (named ``native.SAVEABLE_NAME``)."""
+  return bool(jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *args, **params)
+              or _NATIVE_PROJECTIONS(prim, *args, **params))
+
+
 _CHECKPOINT_POLICIES = {"block": None,   # jax.checkpoint's default: nothing saveable
-                        # (with the bf16 projections transfer.native computes in place of a dot_general)
-                        "dots": jax.checkpoint_policies.save_from_both_policies(
-                            jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-                            jax.checkpoint_policies.save_only_these_names(native.SAVEABLE_NAME))}
+                        "dots": save_projections}
 
 
 def remat(block_cls, policy_name: str, *, static_argnums: tuple[int, ...] = ()):
