@@ -1073,7 +1073,8 @@ def run_case(name: str, framework: str, mode: str, size: int, args) -> dict:
     tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
     return {**case, "error": f"exit code {proc.returncode}: {tail}"}
   row = {**json.loads(lines[-1][len(RESULT_MARKER):]), "dtype": args.dtype}
-  row.update({k: v for k, v in case.items() if k == "bf16_matmul"})
+  if "bf16_matmul" in case:
+    row["bf16_matmul"] = case["bf16_matmul"]
   row["process_wall_s"] = time.perf_counter() - t0
   row["busy_cores_before"] = busy
   return row

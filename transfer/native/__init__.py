@@ -31,7 +31,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 MODES = ("auto", "mkl", "xla")
@@ -149,6 +148,8 @@ def routes(lhs, rhs, dimension_numbers) -> bool:
 
 def matmul(a, b, *, transpose_a: bool = False, transpose_b: bool = False):
   """float32 ``op(a) @ op(b)`` of bf16 matrices (2-D) or stacks of them (3-D, batch first), on the extension."""
+  if (reason := load()) is not None:   # registers the FFI target on first use
+    raise RuntimeError(f"transfer.native.matmul: {reason}")
   batched = a.ndim == 3
   a3, b3 = (a, b) if batched else (a[None], b[None])
   m = a3.shape[2] if transpose_a else a3.shape[1]
@@ -188,10 +189,3 @@ def dense_matmul(x, kernel, contracting: int, out_dtype):
   out = _dense2d(x2, w2).astype(out_dtype).reshape(*batch_shape, *out_shape)
   return checkpoint_name(out, SAVEABLE_NAME)
 
-
-def reference_matmul(a, b, *, transpose_a: bool = False, transpose_b: bool = False) -> np.ndarray:
-  """What ``matmul`` computes, in float64 NumPy: the tests' reference."""
-  a, b = (np.asarray(jnp.asarray(v, jnp.bfloat16).astype(jnp.float32), np.float64) for v in (a, b))
-  a = np.swapaxes(a, -1, -2) if transpose_a else a
-  b = np.swapaxes(b, -1, -2) if transpose_b else b
-  return a @ b
