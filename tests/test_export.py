@@ -98,6 +98,7 @@ def test_peft_export_puts_the_adapters_and_head_on_the_transformers_base(text_ru
   assert np.abs(plain - ours).max() > 0.05   # without the adapter file the base alone predicts otherwise
 
 
+@pytest.mark.long   # its training-run fixture takes a minute
 def test_timm_export_of_a_lora_efficientnet_loads_strictly(image_run, tmp_path):
   timm = pytest.importorskip("timm")
   from safetensors.torch import load_file

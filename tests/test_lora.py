@@ -76,8 +76,11 @@ CASES = {
                      _image_batch(32), [("backbone/(stem_conv|top_conv|.*(expand|project)_conv)/kernel", ALL_KERNELS)]),
 }
 
+LONG_CASES = {"efficientnet"}   # a minute each in make test's budget: run by make test-long
 
-@pytest.mark.parametrize("name", sorted(CASES))
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.long) if n in LONG_CASES else n
+                                  for n in sorted(CASES)])
 def test_adapters_start_at_the_base_model_and_merge_back(name):
   build, batch, rule_list = CASES[name]
   base = build()

@@ -204,6 +204,7 @@ def ranked(tmp_path_factory):
   return code, out.getvalue(), json.load(open(os.path.join(workdir, "rank.json"))), models, run, workdir
 
 
+@pytest.mark.long   # the `ranked` fixture's run and ranking take a minute
 def test_cli_ranks_pretrained_above_random_init_from_the_training_split_only(ranked):
   code, out, results, models, run, _ = ranked
   assert code == 0, out[-3000:]
@@ -242,6 +243,7 @@ def test_cli_ranks_pretrained_above_random_init_from_the_training_split_only(ran
   assert f"run: {run} checkpoint step 4 (last)" in out and out.count("reused from") == 1
 
 
+@pytest.mark.long
 def test_cli_reuses_features_and_a_run_is_its_checkpoint_not_a_new_init(ranked, tmp_path, capsys):
   """A second ranking (one candidate, another --seed) reuses the run's features and reproduces its LogME. The run's
   backbone is its checkpoint's, not an init under the ranking's seed: at seed 0 scratch scored otherwise, and the

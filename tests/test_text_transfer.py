@@ -258,6 +258,7 @@ def test_regression_metrics_match_scipy():
   assert metrics.regression_metrics(np.zeros(5), np.arange(5.0))["eval/pearson"] == 0.0
 
 
+@pytest.mark.long   # a minute; the synthetic-sentiment fine-tune above stays in make test
 def test_minilm_learns_a_synthetic_score(tmp_path):
   """Sentence pairs scored 0-5 by the words they hold: a regression head reaches a high correlation."""
   rng = np.random.default_rng(1)
