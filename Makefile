@@ -45,7 +45,7 @@ test-long: $(VENV)/.test
 	$(PYTEST) -m long tests
 
 bench: $(VENV)/.test
-	$(PY) experiments/bench_train_step.py --model all --out runs/bench_train_step.json
+	$(PY) experiments/bench_train_step.py --model all --dtypes float32,bfloat16 --profile 1 --out runs/bench_train_step.json
 
 # The benchmark script end to end for all five workloads and both tiny decoders (rows and same-start checks, not
 # speed); `make test` runs this check for the cheapest workload and GPT-2 only.

@@ -84,9 +84,19 @@ its own fresh subprocess (``--child``), sequentially, so ``ru_maxrss`` at its en
 frameworks use the same CPU cores: ``--threads`` (default: all cores this process may use) pins each child's CPU
 affinity, which both XLA's and PyTorch's thread pools follow, and sets ``torch.set_num_threads``.
 
+Dtypes (``--dtypes``, default float32; ``make bench``: float32,bfloat16): each case runs in each. JAX's bfloat16
+is the trainer's mixed precision (``config.model.dtype='bfloat16'``, float32 master weights; its dense projections on
+transfer/native's MKL extension where ``--bf16-matmul`` and the CPU allow, the row's ``bf16_matmul_on`` saying
+which), PyTorch's is ``torch.autocast('cpu', torch.bfloat16)``. PyTorch's bf16 rows run only where the CPU has bf16
+instructions (``--torch-bf16 auto``: AMX or AVX-512 BF16; elsewhere autocast emulates bf16 at a fraction of float32's
+speed, so float32 is PyTorch's best mode there). Every JAX row then carries its ratio against PyTorch float32
+(``ratio_vs_pytorch_float32``) and against PyTorch's fastest row in either dtype (``ratio_vs_pytorch_best``), and a
+second table lists them one JAX row per line, with the share of op time in matmuls when ``--profile`` is on.
+
 Run::
 
-  make bench        # = python experiments/bench_train_step.py --model all --out runs/bench_train_step.json
+  make bench        # = python experiments/bench_train_step.py --model all --dtypes float32,bfloat16 --profile 1
+                    #   --out runs/bench_train_step.json
   PYTHONPATH=. python experiments/bench_train_step.py --model efficientnet-lite0 --sizes 64,96 --steps 20
   PYTHONPATH=. python experiments/bench_train_step.py --model all-minilm-l6-v2 --sizes 64,128 --steps 20
   PYTHONPATH=. python experiments/bench_train_step.py --model resnet50 --sizes 128 --steps 20
@@ -146,6 +156,7 @@ BUSY_WARN = 0.25   # cores' worth of other CPU load just before a case that mark
 QUICK_STEPS = 5
 DEFAULT_BATCH = 32                 # train/inference batch of a workload that names none (decoders: 8)
 DECODER_LOSS_TOL = 1e-3            # |JAX - PyTorch| first loss of a decoder (same weights, same batch)
+DECODER_BF16_LOSS_RTOL = 1e-2      # the same, relative, where either side computes in bfloat16 (8-bit mantissa)
 COMMON_PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy", "torch")
 
 
@@ -988,7 +999,8 @@ def environment(args) -> dict:
                                    "new_tokens": args.new_tokens, "decode_calls": args.decode_calls}
                                   if "decode" in args.modes[name] else {})}
                         for name, sizes in args.sizes.items()},
-          "batch": args.batch, "steps": args.steps, "warmup": args.warmup, "dtype": args.dtype,
+          "batch": args.batch, "steps": args.steps, "warmup": args.warmup, "dtypes": args.dtypes,
+          "torch_bf16": args.torch_bf16,
           "optimizer": {"name": "adamw", "lr": LR, "backbone_lr_mult_full": BACKBONE_LR_MULT,
                         "weight_decay": WEIGHT_DECAY, "grad_clip_norm": CLIP_NORM},
           "loadavg_start": os.getloadavg()}
@@ -999,6 +1011,33 @@ def environment(args) -> dict:
 # per cycle (16 lanes x 2) or, on AMD Zen 4, as two 256-bit halves. A stated, rough peak: pass --peak-gflops for
 # your machine's own figure.
 FLOPS_PER_CYCLE = (("avx512f", 32), ("avx2", 32), ("avx", 16), ("sse2", 8))
+
+
+def cpu_flags() -> set[str] | None:
+  """The instruction-set flags /proc/cpuinfo lists (None where there is no /proc/cpuinfo)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      return {flag for line in f if line.partition(":")[0].strip() == "flags" for flag in line.split(":", 1)[1].split()}
+  except OSError:
+    return None
+
+
+# Instructions that compute in bfloat16 (AMX tiles, AVX-512 BF16 dot products). Without them PyTorch's autocast
+# converts every bf16 operand back to float32, which on the project's AMD machines made a MiniLM step ~10x slower
+# than float32: not anyone's best mode, so `--torch-bf16 auto` leaves those rows out and says so.
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def torch_bf16_rows(args) -> tuple[bool, str]:
+  """Whether this run times PyTorch's bf16 autocast rows, and why."""
+  if args.torch_bf16 != "auto":
+    return args.torch_bf16 == "always", f"--torch-bf16 {args.torch_bf16}"
+  flags = cpu_flags()
+  have = [f for f in BF16_CPU_FLAGS if f in (flags or ())]
+  if have:
+    return True, f"the CPU computes in bfloat16 ({', '.join(have)})"
+  return False, (f"left out: the CPU has none of {', '.join(BF16_CPU_FLAGS)}, so PyTorch's autocast emulates "
+                 "bfloat16 and float32 is its best mode here (--torch-bf16 always times them anyway)")
 
 
 def machine_peak(args) -> dict:
@@ -1027,7 +1066,9 @@ def add_utilisation(rows: list[dict], peak_gflops: float | None) -> None:
   """Each row's achieved GFLOP/s (the JAX step's FLOPs, from XLA's cost analysis, times steps per second) and
   model-FLOPs utilisation against ``peak_gflops``. A PyTorch row does the same model's work, so it is credited
   with the JAX row's count for the same model, size and mode."""
-  flops = {(r["model"], r["size"], r["mode"]): r["flops_per_step"] for r in rows if r.get("flops_per_step")}
+  flops = {}   # the float32 JAX step's count where there is one (a bf16 step adds only conversions)
+  for r in sorted((r for r in rows if r.get("flops_per_step")), key=lambda r: _dtype(r) != "float32"):
+    flops.setdefault((r["model"], r["size"], r["mode"]), r["flops_per_step"])
   for r in rows:
     per_step = flops.get((r["model"], r["size"], r["mode"]))
     if "error" in r or not per_step or r["mode"] == "decode":
@@ -1051,17 +1092,17 @@ def workload_cases(workload, sizes: list[int], modes: list[str], args) -> list[t
   return cases + [(args.prompt_length, "decode")] * ("decode" in modes)
 
 
-def run_case(name: str, framework: str, mode: str, size: int, args) -> dict:
+def run_case(name: str, framework: str, mode: str, size: int, dtype: str, args) -> dict:
   cmd = [sys.executable, os.path.abspath(__file__), "--child", f"{name}:{framework}:{mode}:{size}", "--batch",
          str(case_batch(WORKLOADS[name], mode, args)), "--steps", str(args.steps), "--warmup", str(args.warmup),
          "--threads", str(args.threads), "--new-tokens", str(args.new_tokens), "--decode-calls",
-         str(args.decode_calls), "--dropout-rng-impl", args.dropout_rng_impl, "--dtype", args.dtype,
+         str(args.decode_calls), "--dropout-rng-impl", args.dropout_rng_impl, "--dtypes", dtype,
          "--bf16-matmul", args.bf16_matmul,
          "--profile", str(args.profile)]
   env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p),
          "HF_HUB_OFFLINE": "1"}  # every model is read from a local folder; never wait on the network
-  case = {"model": name, "framework": framework, "mode": mode, "size": size, "dtype": args.dtype,
-          **({"bf16_matmul": args.bf16_matmul} if framework == "jax" and args.dtype == "bfloat16" else {})}
+  case = {"model": name, "framework": framework, "mode": mode, "size": size, "dtype": dtype,
+          **({"bf16_matmul": args.bf16_matmul} if framework == "jax" and dtype == "bfloat16" else {})}
   busy = busy_cores()
   t0 = time.perf_counter()
   try:
@@ -1072,7 +1113,7 @@ def run_case(name: str, framework: str, mode: str, size: int, args) -> dict:
   if proc.returncode or not lines:
     tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
     return {**case, "error": f"exit code {proc.returncode}: {tail}"}
-  row = {**json.loads(lines[-1][len(RESULT_MARKER):]), "dtype": args.dtype}
+  row = {**json.loads(lines[-1][len(RESULT_MARKER):]), "dtype": dtype}
   if "bf16_matmul" in case:
     row["bf16_matmul"] = case["bf16_matmul"]
   row["process_wall_s"] = time.perf_counter() - t0
@@ -1080,18 +1121,33 @@ def run_case(name: str, framework: str, mode: str, size: int, args) -> dict:
   return row
 
 
+def _dtype(row: dict) -> str:
+  return row.get("dtype", "float32")
+
+
 def add_ratios(rows: list[dict]) -> None:
-  """On each JAX row: JAX examples/s divided by each PyTorch variant's, and by the faster one's."""
-  by_key = {(r["model"], r["size"], r["mode"], r["framework"]): r for r in rows if "error" not in r}
+  """On each JAX row, JAX examples/s divided by each PyTorch row's of the same model, size and mode:
+  ``ratio_vs`` {"FRAMEWORK DTYPE": ratio}; ``ratio_jax_over_pytorch`` against the faster PyTorch variant (layout) in
+  the row's own dtype, ``ratio_against`` naming it; ``ratio_vs_pytorch_float32`` against PyTorch's faster float32
+  variant and ``ratio_vs_pytorch_best`` against its fastest row in any dtype (its best mode: bf16 autocast on a
+  CPU with bf16 matrix units)."""
+  others = [r for r in rows if r["framework"] != "jax" and "error" not in r]
   for r in rows:
     if r["framework"] != "jax" or "error" in r:
       continue
-    torch_rows = {fw: by_key.get((r["model"], r["size"], r["mode"], fw)) for fw in WORKLOADS[r["model"]].frameworks}
-    ratios = {fw: r["examples_per_sec"] / t["examples_per_sec"] for fw, t in torch_rows.items()
-              if t is not None and fw != "jax"}
-    if ratios:
-      best = min(ratios, key=ratios.get)  # the faster PyTorch variant gives the smaller ratio
-      r.update(ratio_vs=ratios, ratio_jax_over_pytorch=ratios[best], ratio_against=best)
+    same = [t for t in others if (t["model"], t["size"], t["mode"]) == (r["model"], r["size"], r["mode"])]
+    ratios = {f"{t['framework']} {_dtype(t)}": r["examples_per_sec"] / t["examples_per_sec"] for t in same}
+    if not ratios:
+      continue
+    # The faster PyTorch row gives the smaller ratio.
+    own = {k: v for k, v in ratios.items() if k.endswith(" " + _dtype(r))}
+    float32 = {k: v for k, v in ratios.items() if k.endswith(" float32")}
+    r["ratio_vs"], r["ratio_vs_pytorch_best"] = ratios, min(ratios.values())
+    if own:
+      best = min(own, key=own.get)
+      r.update(ratio_jax_over_pytorch=own[best], ratio_against=best.split(" ")[0])
+    if float32:
+      r["ratio_vs_pytorch_float32"] = min(float32.values())
 
 
 def check_start_losses(rows: list[dict]) -> list[str]:
@@ -1109,27 +1165,31 @@ def check_start_losses(rows: list[dict]) -> list[str]:
 
 
 def check_decoder_start_losses(rows: list[dict]) -> list[str]:
-  """A decoder has no fresh head, so its first loss is no known constant: the PyTorch row's first loss (same
-  weights, same batch, no dropout) must equal the JAX row's within DECODER_LOSS_TOL."""
-  problems, jax_rows = [], {(r["model"], r["size"], r["mode"]): r for r in rows
+  """A decoder has no fresh head, so its first loss is no known constant: every other row's first loss (same
+  weights, same batch, no dropout) must equal the float32 JAX row's (else the JAX row's of its own dtype) within
+  DECODER_LOSS_TOL, or within DECODER_BF16_LOSS_RTOL of it for a row computed in bfloat16."""
+  problems, jax_rows = [], {(r["model"], r["size"], r["mode"], _dtype(r)): r for r in rows
                             if r["framework"] == "jax" and "loss_first" in r and "error" not in r}
   for r in rows:
-    ref = jax_rows.get((r["model"], r["size"], r["mode"]))
+    key = (r["model"], r["size"], r["mode"])
+    ref = jax_rows.get((*key, "float32")) or jax_rows.get((*key, _dtype(r)))
     if ref is None or r is ref or "error" in r or WORKLOADS[r["model"]].num_classes is not None:
       continue
     r["loss_first_expected"] = ref["loss_first"]
-    if not abs(r["loss_first"] - ref["loss_first"]) <= DECODER_LOSS_TOL:
-      problems.append(f"{r['model']} {r['size']} {r['mode']} {r['framework']}: first loss {r['loss_first']:.6f}, "
-                      f"JAX's {ref['loss_first']:.6f} (tolerance {DECODER_LOSS_TOL})")
+    tol = DECODER_LOSS_TOL if _dtype(r) == _dtype(ref) == "float32" else DECODER_BF16_LOSS_RTOL * abs(ref["loss_first"])
+    if not abs(r["loss_first"] - ref["loss_first"]) <= tol:
+      problems.append(f"{r['model']} {r['size']} {r['mode']} {r['framework']} {_dtype(r)}: first loss "
+                      f"{r['loss_first']:.6f}, JAX's {ref['loss_first']:.6f} ({_dtype(ref)}; tolerance {tol:.3g})")
   return problems
 
 
 def compare_generations(rows: list[dict]) -> None:
   """On each JAX decode row, ``greedy_same_prefix``: per prompt, how many leading new tokens equal PyTorch's (the
   same weights give the same greedy tokens until a near-tie of two logits falls differently; informational)."""
-  by_key = {(r["model"], r["size"], r["framework"]): r for r in rows if r["mode"] == "decode" and "error" not in r}
-  for (model, size, framework), r in by_key.items():
-    other = by_key.get((model, size, "torch"))
+  by_key = {(r["model"], r["size"], _dtype(r), r["framework"]): r for r in rows
+            if r["mode"] == "decode" and "error" not in r}
+  for (model, size, dtype, framework), r in by_key.items():
+    other = by_key.get((model, size, dtype, "torch"))
     if framework != "jax" or other is None:
       continue
     r["greedy_same_prefix"] = [next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), len(ours))
@@ -1189,6 +1249,38 @@ def table(rows: list[dict]) -> str:
   return "\n".join([head] + lines)
 
 
+def summary_table(rows: list[dict]) -> str:
+  """One line per JAX row: its examples/s beside PyTorch's float32 and bf16 autocast (faster layout of each), the
+  ratios against both and against PyTorch's best mode, and the share of op time in matmuls (``--profile``)."""
+  def fastest(r, dtype):
+    same = [t for t in rows if t["framework"] != "jax" and "error" not in t and _dtype(t) == dtype
+            and (t["model"], t["size"], t["mode"]) == (r["model"], r["size"], r["mode"])]
+    return max((t["examples_per_sec"] for t in same), default=None)
+
+  def cell(value, fmt):
+    return "-" if value is None else format(value, fmt)
+
+  lines = ["| model | size | mode | JAX ex/s | PyTorch f32 ex/s | PyTorch bf16 ex/s | JAX/PyTorch f32 "
+           "| JAX/PyTorch bf16 | JAX/PyTorch best | matmul share | JAX compile s |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    if r["framework"] != "jax":
+      continue
+    start = f"| {r['model']} | {r['size']} {WORKLOADS[r['model']].size_unit} | {mode_label(r)}"
+    if "error" in r:
+      lines.append(f"{start} | error | - | - | - | - | - | - | - |")
+      continue
+    bf16 = fastest(r, "bfloat16")
+    share = r.get("op_profile", {}).get("shares", {}).get("matmul")
+    lines.append(f"{start} | {r['examples_per_sec']:.1f} | {cell(fastest(r, 'float32'), '.1f')} | "
+                 f"{cell(bf16, '.1f')} | {cell(r.get('ratio_vs_pytorch_float32'), '.2f')} | "
+                 f"{cell(None if bf16 is None else r['examples_per_sec'] / bf16, '.2f')} | "
+                 f"{cell(r.get('ratio_vs_pytorch_best'), '.2f')} | "
+                 f"{cell(None if share is None else 100 * share, '.0f')}{'%' * (share is not None)} | "
+                 f"{r['compile_s']:.1f} |")
+  return "\n".join(lines)
+
+
 PROFILE_KINDS = ("matmul", "convolution", "transpose/copy", "reduction", "elementwise", "random", "collective")
 
 
@@ -1219,17 +1311,24 @@ def run_parent(args) -> int:
   if env["busy_cores_start"] > BUSY_WARN:
     print(f"note: other processes are using {env['busy_cores_start']:.2f} cores right now: figures will be noisy "
           f"(PyTorch's OpenMP threads far more than XLA's)", flush=True)
+  torch_bf16, env["torch_bf16_why"] = torch_bf16_rows(args)
+  if "bfloat16" in args.dtypes:
+    print(f"PyTorch bf16 autocast rows: {env['torch_bf16_why']}", flush=True)
   rows, t0 = [], time.time()
   for name, workload_sizes in args.sizes.items():
     frameworks = WORKLOADS[name].frameworks
     for size, mode in workload_cases(WORKLOADS[name], workload_sizes, args.modes[name], args):
-      for framework, label in frameworks.items():  # interleaved, so background load drifts hit all alike
-        row = run_case(name, framework, mode, size, args)
-        rows.append(row)
-        tokens = f" ({row['tokens_per_sec']:.0f} tok/s)" if "tokens_per_sec" in row else ""
-        status = (f"error: {row['error'].splitlines()[0]}" if "error" in row else
-                  f"{row['examples_per_sec']:.1f} examples/s{tokens}, peak RSS {row['peak_rss_mb']:.0f} MB")
-        print(f"  {name} {size:>4} {mode:<9} {label:<24} {status}  [{time.time() - t0:.0f} s]", flush=True)
+      for dtype in args.dtypes:
+        for framework, label in frameworks.items():  # interleaved, so background load drifts hit all alike
+          if framework != "jax" and dtype == "bfloat16" and not torch_bf16:
+            continue
+          row = run_case(name, framework, mode, size, dtype, args)
+          rows.append(row)
+          tokens = f" ({row['tokens_per_sec']:.0f} tok/s)" if "tokens_per_sec" in row else ""
+          status = (f"error: {row['error'].splitlines()[0]}" if "error" in row else
+                    f"{row['examples_per_sec']:.1f} examples/s{tokens}, peak RSS {row['peak_rss_mb']:.0f} MB")
+          print(f"  {name} {size:>4} {mode:<9} {dtype:<8} {label:<24} {status}  [{time.time() - t0:.0f} s]",
+                flush=True)
   add_ratios(rows)
   env.update(machine_peak(args))
   add_utilisation(rows, env["peak_gflops"])
@@ -1238,6 +1337,8 @@ def run_parent(args) -> int:
   env["wall_seconds"] = time.time() - t0
   env["loadavg_end"] = os.getloadavg()
   text = table(rows)
+  if "bfloat16" in args.dtypes or args.profile:
+    text += "\n\nEach JAX row against PyTorch (the faster layout of each dtype):\n\n" + summary_table(rows)
   if profiled := profile_table(rows):
     text += "\n\nWhere the JAX step's op time goes (jax.profiler, experiments/op_profile.py):\n\n" + profiled
   print()
@@ -1285,9 +1386,12 @@ def main(argv=None) -> int:
                       help=f"smoke run: {QUICK_STEPS} timed steps unless --steps, each workload's smallest size unless --sizes")
   parser.add_argument("--dropout-rng-impl", default="rbg", choices=("rbg", "threefry"),
                       help="the JAX step's dropout generator (config.dropout_rng_impl; default: the trainer's)")
-  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                      help="computation dtype of every case: JAX's config.model.dtype, PyTorch's autocast for "
-                           "bfloat16 (float32 weights on both sides)")
+  parser.add_argument("--dtypes", "--dtype", dest="dtypes", default="float32",
+                      help="comma-separated computation dtypes, each case in each (float32, bfloat16): JAX's "
+                           "config.model.dtype, PyTorch's autocast for bfloat16 (float32 weights on both sides)")
+  parser.add_argument("--torch-bf16", default="auto", choices=("auto", "always", "never"),
+                      help="PyTorch bf16 autocast rows: auto = only on a CPU with bf16 instructions (AMX or "
+                           "AVX-512 BF16), where it is PyTorch's best mode; elsewhere it emulates bf16, slowly")
   parser.add_argument("--bf16-matmul", default="auto", choices=("auto", "mkl", "xla"),
                       help="with --dtype bfloat16, JAX's config.model.bf16_matmul: the MKL extension where the CPU "
                            "has AMX ('auto'), always ('mkl'), never ('xla')")
@@ -1298,6 +1402,10 @@ def main(argv=None) -> int:
   parser.add_argument("--child", help=argparse.SUPPRESS)  # MODEL:FRAMEWORK:MODE:SIZE, run by the parent
   parser.add_argument("--write-weights", help=argparse.SUPPRESS)  # MODEL:SIZE:PATH, run by a JAX child
   args = parser.parse_args(argv)
+  args.dtypes = list(dict.fromkeys(d for d in args.dtypes.split(",") if d))
+  if not args.dtypes or set(args.dtypes) - {"float32", "bfloat16"}:
+    parser.error(f"--dtypes {','.join(args.dtypes)}: choose from float32, bfloat16")
+  args.dtype = args.dtypes[0]   # a child runs one
   if args.write_weights:
     return write_reference_weights(args.write_weights)
   if args.model == "all":   # (the tiny test shapes only when named)

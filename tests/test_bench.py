@@ -146,3 +146,36 @@ def test_op_profile_puts_each_op_of_a_step_in_its_kind():
   assert math.isclose(sum(result["shares"].values()), 1.0, rel_tol=1e-9)
   assert result["shares"]["matmul"] > 0.3   # two 256x128x128 matmuls against two elementwise passes
   assert 0 < result["op_seconds_per_step"] < 1.0
+
+
+def test_each_jax_row_is_compared_with_pytorch_float32_and_its_bf16_autocast():
+  """The parent's ratios, alone, on made-up rows of one case in both dtypes: a JAX row's own-dtype ratio is against
+  the faster PyTorch layout of its dtype, and every JAX row also carries its ratio against PyTorch float32 and
+  against PyTorch's best mode (here bf16 autocast); the summary table shows them with the matmul share."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("bench_train_step", os.path.join(ROOT, "experiments",
+                                                                                  "bench_train_step.py"))
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  case = {"model": "resnet50", "size": 128, "mode": "full", "batch": 32, "compile_s": 5.0}
+  speeds = {("jax", "float32"): 8.0, ("torch", "float32"): 10.0, ("torch-cl", "float32"): 16.0,
+            ("jax", "bfloat16"): 24.0, ("torch", "bfloat16"): 12.0, ("torch-cl", "bfloat16"): 20.0}
+  rows = [{**case, "framework": fw, "dtype": dtype, "examples_per_sec": v} for (fw, dtype), v in speeds.items()]
+  rows[3]["op_profile"] = {"shares": {"matmul": 0.25}}
+  bench.add_ratios(rows)
+  f32, bf16 = rows[0], rows[3]
+  assert f32["ratio_jax_over_pytorch"] == 0.5 and f32["ratio_against"] == "torch-cl"
+  assert f32["ratio_vs_pytorch_float32"] == 0.5 and f32["ratio_vs_pytorch_best"] == 0.4
+  assert bf16["ratio_jax_over_pytorch"] == 1.2 and bf16["ratio_against"] == "torch-cl"
+  assert bf16["ratio_vs_pytorch_float32"] == 1.5 and bf16["ratio_vs_pytorch_best"] == 1.2
+  assert bf16["ratio_vs"] == {"torch float32": 2.4, "torch-cl float32": 1.5, "torch bfloat16": 2.0,
+                              "torch-cl bfloat16": 1.2}
+  lines = bench.summary_table(rows).splitlines()
+  assert len(lines) == 4   # head, rule, the two JAX rows
+  assert lines[2] == "| resnet50 | 128 px | full | 8.0 | 16.0 | 20.0 | 0.50 | 0.40 | 0.40 | - | 5.0 |", lines[2]
+  assert lines[3] == "| resnet50 | 128 px | full bf16 | 24.0 | 16.0 | 20.0 | 1.50 | 1.20 | 1.20 | 25% | 5.0 |", lines[3]
+  # Without bf16 instructions, `--torch-bf16 auto` leaves PyTorch's autocast rows out and says why.
+  args = bench.argparse.Namespace(torch_bf16="auto")
+  on, why = bench.torch_bf16_rows(args)
+  assert on == bool(set(bench.BF16_CPU_FLAGS) & (bench.cpu_flags() or set())), why
+  assert bench.torch_bf16_rows(bench.argparse.Namespace(torch_bf16="never"))[0] is False
