@@ -1023,7 +1023,7 @@ def cpu_flags() -> set[str] | None:
 
 
 # Instructions that compute in bfloat16 (AMX tiles, AVX-512 BF16 dot products). Without them PyTorch's autocast
-# converts every bf16 operand back to float32, which on the project's AMD machines made a MiniLM step ~10x slower
+# emulates bf16 arithmetic, which on the project's AMD machines made a MiniLM full step 17x slower
 # than float32: not anyone's best mode, so `--torch-bf16 auto` leaves those rows out and says so.
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 

@@ -141,8 +141,12 @@ def routes(lhs, rhs, dimension_numbers) -> bool:
   if not dense_shaped:
     return False
   on, why = status()
+  if not on and jax.default_backend() != "cpu":
+    return False   # GPUs and TPUs compute bf16 dots natively: nothing to say
   say_once(f"transfer: bf16 matmuls run on the MKL extension ({why})" if on else
-           f"transfer: bf16 matmuls run through XLA, which computes them in float32 on the CPU ({why})")
+           f"transfer: bf16 matmuls run through XLA, which computes them in float32 on the CPU ({why}); a bf16 "
+           "step is then no faster than a float32 one (0.45-1.2x of it measured, experiments/results/"
+           "bench_all_2026-12-07.json)")
   return on
 
 
