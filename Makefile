@@ -34,7 +34,7 @@ demo: $(VENV)/.base
 # Test files run in parallel, a file per worker (module fixtures built once): TEST_WORKERS=0 runs them in this process.
 # `make test` leaves out the tests marked long (two-process launches, 8-device layouts and memory, the LoRA
 # kill-and-resume, real-data fine-tunes, the decoder benchmark check, and tests whose set-up alone takes a minute:
-# the timm export, the EfficientNet LoRA merge, the rank CLI, the synthetic-score fine-tune); `make test-long` runs
+# the two export tests on an image run, the EfficientNet LoRA merge, the rank CLI, the synthetic-score fine-tune); `make test-long` runs
 # only those. CI runs both; `make test` should stay under 20 minutes on 2 idle cores.
 TEST_WORKERS ?= 2
 PYTEST := $(PY) -m pytest -q -ra --durations=15 $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)

@@ -124,6 +124,7 @@ def test_timm_export_of_a_lora_efficientnet_loads_strictly(image_run, tmp_path):
     assert np.abs(theirs - ours).max() < PROB_TOL
 
 
+@pytest.mark.long   # needs the image run too, whose fixture takes a minute
 def test_formats_a_run_does_not_have_are_refused_with_the_ones_it_has(text_run, image_run, tmp_path, capsys):
   text_workdir, _, _ = text_run
   assert export.main(["--workdir", text_workdir, "--out", str(tmp_path / "a"), "--format", "timm"]) == 1
