@@ -635,9 +635,8 @@ def _jax_case(workload, mode: str, size: int, args) -> dict:
   import numpy as np
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-  from transfer import config_base, optim, rules, tasks
+  from transfer import config_base, models, optim, rules, tasks
   from transfer import train as train_lib
-  from transfer.models import layers
   rss_after_import = _current_rss_mb()
 
   # The config the trainer would see: config_base defaults (AdamW b1/b2/eps, clipping) with the workload's model
@@ -691,8 +690,8 @@ def _jax_case(workload, mode: str, size: int, args) -> dict:
 
     variables = jax.device_put({"params": rules.unflatten(params), "batch_stats": batch_stats}, replicated)
     t0 = time.perf_counter()
-    compiled = jax.jit(infer_step, in_shardings=(replicated, sharded), out_shardings=replicated).lower(
-        variables, batch).compile()
+    compiled = jax.jit(infer_step, in_shardings=(replicated, sharded), out_shardings=replicated,
+                       compiler_options=models.compiler_options(config.model)).lower(variables, batch).compile()
     compile_s = time.perf_counter() - t0
     run = lambda: compiled(variables, batch)
   else:
@@ -706,7 +705,8 @@ def _jax_case(workload, mode: str, size: int, args) -> dict:
     state = jax.device_put(state, replicated)
     t0 = time.perf_counter()
     compiled = jax.jit(train_step, in_shardings=(replicated, sharded), out_shardings=(replicated, replicated),
-                       donate_argnums=0, compiler_options=layers.train_compiler_options()).lower(state, batch).compile()
+                       donate_argnums=0, compiler_options=models.compiler_options(config.model)).lower(
+                           state, batch).compile()
     compile_s = time.perf_counter() - t0
     losses = []
 
@@ -1013,13 +1013,26 @@ def environment(args) -> dict:
 FLOPS_PER_CYCLE = (("avx512f", 32), ("avx2", 32), ("avx", 16), ("sse2", 8))
 
 
-def cpu_flags() -> set[str] | None:
-  """The instruction-set flags /proc/cpuinfo lists (None where there is no /proc/cpuinfo)."""
+def cpuinfo() -> tuple[set[str], float] | None:
+  """(the instruction-set flags, the highest ``cpu MHz``) /proc/cpuinfo lists; None where it cannot be read."""
+  flags, mhz = set(), 0.0
   try:
     with open("/proc/cpuinfo") as f:
-      return {flag for line in f if line.partition(":")[0].strip() == "flags" for flag in line.split(":", 1)[1].split()}
-  except OSError:
+      for line in f:
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+          flags |= set(value.split())
+        elif key.strip() == "cpu MHz":
+          mhz = max(mhz, float(value))
+  except (OSError, ValueError):
     return None
+  return flags, mhz
+
+
+def cpu_flags() -> set[str] | None:
+  """The instruction-set flags /proc/cpuinfo lists (None where there is no /proc/cpuinfo)."""
+  info = cpuinfo()
+  return None if info is None else info[0]
 
 
 # Instructions that compute in bfloat16 (AMX tiles, AVX-512 BF16 dot products). Without them PyTorch's autocast
@@ -1045,17 +1058,10 @@ def machine_peak(args) -> dict:
   (``FLOPS_PER_CYCLE``; the clock is the highest ``cpu MHz`` listed, a base clock where the kernel reports one)."""
   if args.peak_gflops:
     return {"peak_gflops": float(args.peak_gflops), "peak_source": "--peak-gflops"}
-  flags, mhz = set(), 0.0
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        key, _, value = line.partition(":")
-        if key.strip() == "flags":
-          flags |= set(value.split())
-        elif key.strip() == "cpu MHz":
-          mhz = max(mhz, float(value))
-  except (OSError, ValueError):
+  info = cpuinfo()
+  if info is None:
     return {"peak_gflops": None, "peak_source": "unknown (no /proc/cpuinfo): pass --peak-gflops"}
+  flags, mhz = info
   per_cycle = next((n for flag, n in FLOPS_PER_CYCLE if flag in flags), 4)
   cores = args.threads
   return {"peak_gflops": cores * mhz / 1e3 * per_cycle if mhz else None,

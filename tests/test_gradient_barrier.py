@@ -65,7 +65,7 @@ def _largest_fusion(hlo: str) -> int:
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_largest_backward_fusion_does_not_grow_with_depth_and_gradients_are_unchanged(name):
-  options = layers.train_compiler_options()
+  options = layers.compiler_options()
   assert options, "these tests run on CPU, where the barrier is on"
   barrier = {d: _compiled_gradient(name, d, options) for d in (2, 8)}
   fused = {d: _compiled_gradient(name, d, None) for d in (2, 8)}

@@ -136,7 +136,7 @@ def test_conv_adapter_gradients_are_materialised_once_and_unchanged():
     return jnp.sum(out ** 2)
 
   grads, hlo = {}, {}
-  for name, options in (("barrier", layers.train_compiler_options()), ("fused", None)):
+  for name, options in (("barrier", layers.compiler_options()), ("fused", None)):
     compiled = jax.jit(jax.grad(loss), compiler_options=options).lower(trainable, frozen).compile()
     grads[name], hlo[name] = compiled(trainable, frozen), compiled.as_text()
   n_adapters = sum(p.endswith("lora_a") for p in trainable)

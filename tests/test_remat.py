@@ -3,7 +3,7 @@ gradients as kept activations (same params, same dropout rng: the recomputation 
 parameter paths that checkpoint key tables name, lower the compiled gradient's temporary memory, and leave cached
 decoding unchanged.
 
-Gradients are compiled with the trainer's options (``layers.train_compiler_options``): without them XLA's CPU
+Gradients are compiled with the trainer's options (``layers.compiler_options``): without them XLA's CPU
 backend drops remat's CSE barriers and merges the recomputation back into the forward pass, so nothing would be
 recomputed (and no memory saved). Tolerance: losses and gradients within 1e-6 max-abs times max(1, the gradients'
 largest entry), float32 (measured: <= 1e-7).
@@ -87,7 +87,7 @@ def _loss_fn(model, batch):
 def _compiled_grad(model, batch, params):
   """``(params, dropout key) -> (loss, gradients)``, compiled with the trainer's options, plus LLVM's optimisation
   level 0 (half the compile time; the HLO passes, CSE included, and the buffer assignment are unchanged)."""
-  options = {**(layers.train_compiler_options() or {}), "xla_backend_optimization_level": "0"}
+  options = {**(layers.compiler_options() or {}), "xla_backend_optimization_level": "0"}
   return jax.jit(jax.value_and_grad(_loss_fn(model, batch)), compiler_options=options).lower(
       params, dropout_key(0)).compile()
 

@@ -92,7 +92,8 @@ def extract_or_reuse(config, workdir: str, params: dict, batch_stats, splits: di
   feature_model = models.build(config.model, None)   # the classifier without its head: pooled features
   # The weights are an argument (not constants baked into the program, which XLA would fold and copy), placed
   # once on every device of the batch's mesh; the batch is split over all of them.
-  forward = jax.jit(lambda v, batch: feature_model.apply(v, batch, train=False))
+  forward = jax.jit(lambda v, batch: feature_model.apply(v, batch, train=False),
+                    compiler_options=models.compiler_options(config.model))
   placed = jax.device_put(variables, None if sharding is None else sharding_lib.replicated(sharding.mesh))
   apply_fn = lambda batch: forward(placed, batch)
   weights = digest({**backbone, **{f"batch_stats/{k}": v for k, v in rules.flatten(batch_stats or {}).items()}})

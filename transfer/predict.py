@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from transfer import data, runs, tasks
+from transfer import data, models, runs, tasks
 
 TEXT_FILES = (".txt", ".tsv", ".csv", ".jsonl")
 
@@ -139,7 +139,8 @@ def predict_classifier(workdir: str, inputs: list[str], *, checkpoint="last", ba
   config, module, variables, class_names, step = runs.classifier_from_workdir(workdir, checkpoint)
   log(f"{workdir} step {step}: {config.model.name} "
       f"({'classes ' + ', '.join(class_names[:10]) if class_names else 'regression'})")
-  apply = jax.jit(lambda v, batch: module.apply(v, batch, train=False).astype(jnp.float32))
+  apply = jax.jit(lambda v, batch: module.apply(v, batch, train=False).astype(jnp.float32),
+                  compiler_options=models.compiler_options(config.model))
   outputs, shown = [], []
   if data.is_image_source(config.data.name):
     rows = list(read_images(inputs, config.data))

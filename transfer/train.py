@@ -254,8 +254,8 @@ def sharded_steps(config: ml_collections.ConfigDict, model, task: tasks.Task, me
   """(jitted train step, jitted eval step, the state's shardings, ``{param path: (rule, PartitionSpec)}``).
 
   ``state`` may be abstract (``jax.eval_shape``'s): ``transfer.plan`` compiles the same steps without allocating
-  anything. The train step donates the state (updated in place) and takes the backend's compiler options
-  (``layers.train_compiler_options``); the batch is split over the mesh's data and fsdp axes."""
+  anything. The train step donates the state (updated in place); both steps take the model's compiler options
+  (``models.compiler_options``); the batch is split over the mesh's data and fsdp axes."""
   flat = {**rules.flatten(state["trainable"]), **rules.flatten(state["frozen"])}
   shard_specs = sharding.param_partition_specs(config.sharding_rules, {p: tuple(np.shape(v)) for p, v in flat.items()},
                                                dict(mesh.shape), models.tensor_parallel_layout(model))
@@ -265,9 +265,11 @@ def sharded_steps(config: ml_collections.ConfigDict, model, task: tasks.Task, me
                                      frozen_stats=frozen_stats, dropout_rng_impl=config.dropout_rng_impl)
   if mesh.shape["fsdp"] > 1 or mesh.shape["tensor"] > 1:   # parameters split: keep activations split by rows
     train_step, eval_step = (_tracing_in(mesh, step) for step in (train_step, eval_step))
+  options = models.compiler_options(config.model)
   p_train_step = jax.jit(train_step, in_shardings=(state_sharding, batch), out_shardings=(state_sharding, replicated),
-                         donate_argnums=0, compiler_options=layers.train_compiler_options())
-  p_eval_step = jax.jit(eval_step, in_shardings=(state_sharding, batch), out_shardings=replicated)
+                         donate_argnums=0, compiler_options=options)
+  p_eval_step = jax.jit(eval_step, in_shardings=(state_sharding, batch), out_shardings=replicated,
+                        compiler_options=options)
   return p_train_step, p_eval_step, state_sharding, shard_specs
 
 

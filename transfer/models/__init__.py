@@ -38,6 +38,12 @@ def family(name: str) -> Family:
   raise ValueError(f"config.model.name: unknown model {name!r}; available: {NAMES}")
 
 
+def compiler_options(model_cfg) -> dict[str, str] | None:
+  """The ``compiler_options`` of every jit that runs ``config.model``'s model: the backend's, with the family's
+  library fusions (``layers.compiler_options``)."""
+  return layers.compiler_options(family(model_cfg.name).cpu_library_fusions)
+
+
 def family_of_model_type(model_type, source_name: str) -> Family:
   """The family that reads a Hugging Face ``config.json`` of this ``model_type``."""
   for fam in FAMILIES.values():

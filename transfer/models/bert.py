@@ -482,4 +482,5 @@ TENSOR_PARALLEL = [
 FAMILY = Family(name='bert', inputs='text', variants={'bert': None}, backbone=build_backbone, convert=convert,
                 layer_regexes=layer_regexes, tensor_parallel=TENSOR_PARALLEL, example_batch=text_example(with_types=True), hf_model_types=MODEL_TYPES,
                 pooling='cls', to_hf_classifier=to_hf_sequence_classification,
-                hf_weight=lambda path, *, hf_config: (hf_key(path), False))
+                hf_weight=lambda path, *, hf_config: (hf_key(path), False),
+                cpu_library_fusions=())   # YNNPACK would take attention cores as slow ops (layers.compiler_options)

@@ -302,4 +302,5 @@ def decoder_family(name: str, *, config_cls, model_cls, causal_lm, convert_hf_st
           state, config_cls.from_hf(hf_config, source_name), source_name=source_name),
       to_hf=to_hf, layer_regexes=layer_regexes, example_batch=text_example(with_types=False),
       hf_model_types=model_types, pooling='last', upstream_head=r'params/lm_head/.*',
-      tensor_parallel=tuple(tensor_parallel))
+      tensor_parallel=tuple(tensor_parallel),
+      cpu_library_fusions=())   # YNNPACK would take each attention core as one slow op (layers.compiler_options)

@@ -351,4 +351,5 @@ def convert(state, *, cfg, hf_config, source_name) -> dict:
 FAMILY = Family(
     name='efficientnet_lite', inputs='image', variants=VARIANTS, backbone=build_backbone, convert=convert,
     layer_regexes=layer_regexes, example_batch=image_example, to_timm=to_timm,
-    input_norm=INCEPTION_NORMALIZATION)   # [-1, 1], as the TF "lite" models were trained
+    input_norm=INCEPTION_NORMALIZATION,   # [-1, 1], as the TF "lite" models were trained
+    cpu_library_fusions=('reduce',))   # XLA's convolutions, YNNPACK's reductions (layers.compiler_options)

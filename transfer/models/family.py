@@ -102,6 +102,8 @@ class Family:
     value ``'tensor'`` gives (``transfer/sharding.py``): the kernels that feed attention heads or MLP hidden units
     split over ``tensor`` on their output dimension, the kernels that read them on their input dimension (one
     all-reduce per sublayer), the other dimension over ``fsdp``. Empty for families without such layers.
+  - ``cpu_library_fusions``: the kinds of YNNPACK library fusion XLA's CPU backend may make in this family's
+    programs (``transfer.models.layers.compiler_options``), chosen by measurement; ``None``: XLA's default.
   """
   name: str
   inputs: str
@@ -122,6 +124,7 @@ class Family:
   to_timm: Callable[..., tuple[str, dict, dict]] | None = None
   upstream_head: str = ""
   tensor_parallel: Sequence[tuple[str, tuple]] = ()
+  cpu_library_fusions: tuple[str, ...] | None = None
 
   def __post_init__(self):
     if self.inputs not in ("image", "text"):

@@ -1,6 +1,7 @@
 """Layers shared by model families."""
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import flax.linen as nn
@@ -16,8 +17,8 @@ from transfer import native
 # backward pass that turns cheap chains into copies that transpose and recompute them for every weight-gradient
 # matmul that reads them (a LoRA conv adapter under a frozen, inference-mode EfficientNet spent 0.2 s -> 2.9 s in
 # one such fusion). ``gradient_barrier(x)`` is the identity whose backward puts ``lax.optimization_barrier`` on the
-# cotangent, so it is materialised once. XLA would drop the barrier before fusion unless the step is compiled with
-# ``train_compiler_options()``. GPU and TPU fuse differently: there it is the plain identity.
+# cotangent, so it is materialised once. XLA would drop the barrier before fusion unless the program is compiled
+# with ``compiler_options()``. GPU and TPU fuse differently: there it is the plain identity.
 
 @jax.custom_vjp
 def _barrier(x):
@@ -32,9 +33,41 @@ def gradient_barrier(x):
   return _barrier(x) if jax.default_backend() == "cpu" else x
 
 
-def train_compiler_options() -> dict[str, str] | None:
-  """What a jitted train step passes as ``compiler_options``: keeps ``gradient_barrier``'s barriers to fusion."""
-  return {"xla_disable_hlo_passes": "cse_barrier_expander"} if jax.default_backend() == "cpu" else None
+# ---------------------------------------------------------------------------------------------------------------
+# Compiler options of every jitted program that runs a model (train, eval, features, predict).
+#
+# XLA's CPU backend hands some ops to the YNNPACK library ("library fusions"). Its default set (single dots,
+# single convolutions, reductions with the ops around them) is slower than XLA's own code for most of what our
+# families run. Measured on 2 cores, float32 examples/s, XLA's default -> the family's choice
+# (experiments/results/library_fusions_2026-12-07.json):
+# - convolutions: YNNPACK's are slower in every mode (ResNet-50's full step 2.2 -> 6.2, BiT-R50x1's 2.0 -> 5.8,
+#   EfficientNet-Lite0's inference 167 -> 256);
+# - reductions: YNNPACK's pay for BatchNorm's per-channel statistics (EfficientNet-Lite0's full step: 19 with
+#   XLA's default, 26 with only them, 6.3 with none), not for GroupNorm (BiT's inference: 15 with them, 26 without);
+#   in a transformer they take each layer's attention core (QK^T, mask, softmax, AV) as one slow op (MiniLM's
+#   inference 16.9 -> 25.5 without, ViT-S/16's 29.8 -> 36.7; full steps unchanged).
+# So each family names the kinds it keeps (``Family.cpu_library_fusions``): the BatchNorm CNNs reductions, the
+# others none. An ``XLA_FLAGS`` that sets ``xla_cpu_experimental_ynn_fusion_type`` wins over the family's choice.
+
+LIBRARY_FUSIONS = {"dot": "LIBRARY_FUSION_TYPE_DOT", "eltwise": "LIBRARY_FUSION_TYPE_ELTWISE",
+                   "reduce": "LIBRARY_FUSION_TYPE_REDUCE", "individual_dot": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
+                   "individual_convolution": "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"}
+_LIBRARY_FUSION_FLAG = "xla_cpu_experimental_ynn_fusion_type"
+
+
+def compiler_options(library_fusions: tuple[str, ...] | None = None) -> dict[str, str] | None:
+  """What a jit that runs a model passes as ``compiler_options`` on CPU (None elsewhere): keeps
+  ``gradient_barrier``'s and ``remat``'s barriers to fusion, and, given ``library_fusions`` (kinds in
+  ``LIBRARY_FUSIONS``; ``()`` for none), the YNNPACK fusions to make; ``None`` leaves XLA's default."""
+  if jax.default_backend() != "cpu":
+    return None
+  options = {"xla_disable_hlo_passes": "cse_barrier_expander"}
+  if library_fusions is not None and _LIBRARY_FUSION_FLAG not in os.environ.get("XLA_FLAGS", ""):
+    unknown = sorted(set(library_fusions) - set(LIBRARY_FUSIONS))
+    if unknown:
+      raise ValueError(f"library fusions {unknown}: not among {sorted(LIBRARY_FUSIONS)}")
+    options[_LIBRARY_FUSION_FLAG] = ",".join(LIBRARY_FUSIONS[kind] for kind in library_fusions)
+  return options
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -114,7 +147,7 @@ def remat(block_cls, policy_name: str, *, static_argnums: tuple[int, ...] = ()):
   ``static_argnums`` count ``self`` as flax's do (``__call__(self, x, train)``: ``train`` is 2). Python values the
   block branches on (``train``) must be static and passed positionally: keyword arguments are traced. The wrapped
   class keeps the ``name`` it is given, so parameter paths do not change; dropout draws the same masks. On CPU it
-  saves memory only under ``train_compiler_options()``: without them XLA drops remat's CSE barriers and merges the
+  saves memory only under ``compiler_options()``: without them XLA drops remat's CSE barriers and merges the
   recomputation back into the forward pass."""
   if policy_name not in REMAT_POLICIES:
     raise ValueError(f"config.model.remat: {policy_name!r} is not one of {REMAT_POLICIES}")

@@ -188,4 +188,5 @@ FAMILY = Family(
     convert=lambda state, *, cfg, hf_config, source_name: convert_state_dict(state, source_name=source_name),
     layer_regexes=layer_regexes, example_batch=image_example, to_timm=to_timm,
     # torchvision's and timm's ResNets: ImageNet's channel mean and std, times 255.
-    input_norm=IMAGENET_NORMALIZATION)
+    input_norm=IMAGENET_NORMALIZATION,
+    cpu_library_fusions=('reduce',))   # XLA's convolutions, YNNPACK's reductions (layers.compiler_options)

@@ -266,4 +266,5 @@ FAMILY = Family(
     name='bit', inputs='image', variants=VARIANTS, backbone=build_backbone,
     convert=lambda state, *, cfg, hf_config, source_name: convert_state_dict(state, source_name=source_name),
     layer_regexes=layer_regexes, example_batch=image_example, to_timm=to_timm,
-    input_norm=INCEPTION_NORMALIZATION)   # [-1, 1], as BiT was trained (timm's resnetv2_*_bit: mean = std = 0.5)
+    input_norm=INCEPTION_NORMALIZATION,   # [-1, 1], as BiT was trained (timm's resnetv2_*_bit: mean = std = 0.5)
+    cpu_library_fusions=())   # XLA's GroupNorm and convolutions are faster (layers.compiler_options)

@@ -431,4 +431,5 @@ FAMILY = Family(
     convert=convert,
     layer_regexes=layer_regexes, tensor_parallel=TENSOR_PARALLEL, example_batch=image_example,
     input_norm=INCEPTION_NORMALIZATION,   # [-1, 1], as Google's ViTs were trained (timm's augreg: mean = std = 0.5)
-    fit_checkpoint=fit_checkpoint, to_timm=to_timm)
+    fit_checkpoint=fit_checkpoint, to_timm=to_timm,
+    cpu_library_fusions=())   # YNNPACK would take each attention core as one slow op (layers.compiler_options)
