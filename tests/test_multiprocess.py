@@ -173,7 +173,9 @@ def test_feature_cache_is_extracted_over_both_processes_devices_and_written_once
   for name in files:
     a, b = np.load(tmp_path / "one" / "features" / name), np.load(tmp_path / "two" / "features" / name)
     assert a.shape[0] in (100, 360) and np.abs(a).max() > 0
-    np.testing.assert_array_equal(b, a)   # measured: equal bit for bit (each example's forward is on one device)
+    # Each example's forward runs on one device. Bit for bit while YNNPACK ran the ViT's matmuls; with XLA's own
+    # (the family's compiler options since 2026-12-07) 5% of the values differ in the last bits: 9.5e-7 at most.
+    np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * max(1.0, float(np.abs(a).max())))
   results = [json.load(open(tmp_path / n / "results.json")) for n in ("one", "two")]
   assert results[0]["feature_cache"] and results[1]["feature_cache"] and results[1]["processes"] == 2
   assert results[1]["eval/loss"] == pytest.approx(results[0]["eval/loss"], rel=1e-6)
