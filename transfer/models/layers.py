@@ -59,13 +59,13 @@ def compiler_options(library_fusions: tuple[str, ...] | None = None) -> dict[str
   """What a jit that runs a model passes as ``compiler_options`` on CPU (None elsewhere): keeps
   ``gradient_barrier``'s and ``remat``'s barriers to fusion, and, given ``library_fusions`` (kinds in
   ``LIBRARY_FUSIONS``; ``()`` for none), the YNNPACK fusions to make; ``None`` leaves XLA's default."""
+  unknown = sorted(set(library_fusions or ()) - set(LIBRARY_FUSIONS))
+  if unknown:
+    raise ValueError(f"library fusions {unknown}: not among {sorted(LIBRARY_FUSIONS)}")
   if jax.default_backend() != "cpu":
     return None
   options = {"xla_disable_hlo_passes": "cse_barrier_expander"}
   if library_fusions is not None and _LIBRARY_FUSION_FLAG not in os.environ.get("XLA_FLAGS", ""):
-    unknown = sorted(set(library_fusions) - set(LIBRARY_FUSIONS))
-    if unknown:
-      raise ValueError(f"library fusions {unknown}: not among {sorted(LIBRARY_FUSIONS)}")
     options[_LIBRARY_FUSION_FLAG] = ",".join(LIBRARY_FUSIONS[kind] for kind in library_fusions)
   return options
 
